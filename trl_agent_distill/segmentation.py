@@ -1,0 +1,421 @@
+"""Split agent trajectories into REASON / ACT / OBS / OTHER character spans.
+
+Structured Agent Distillation weighs the distillation loss separately on an agent's reasoning ("Thought: ...")
+and on its actions ("Action: Search[...]", code, the final answer), and trains neither on observations nor on the
+prompt. This module finds those regions with simple line-based rules per trajectory format: ReAct (HotPotQA,
+WebShop), ALFWorld and smolagents CodeAct. It works on characters, not tokens, so the rules do not depend on a
+tokenizer or a chat template; the collator maps the spans onto tokens through the offset mapping.
+
+Malformed input raises `TrajectoryFormatError`, which says where (row, message) and what was expected, so one bad
+row in a large dataset can be found and fixed (or skipped) instead of silently training on the wrong tokens.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+SPAN_KINDS = ("reason", "act", "obs", "other")
+STYLES = ("auto", "react", "alfworld", "codeact", "none")
+ROLES = ("system", "user", "assistant", "tool", "observation", "ipython")
+
+# Only the assistant's own text is segmented; every other role is one span of a fixed kind.
+_ROLE_KINDS = {"system": "other", "user": "other", "tool": "obs", "observation": "obs", "ipython": "obs"}
+_STEP_KINDS = ("reason", "act")
+_CONVERTER_HINT = "for smolagents rows use trl_agent_distill.data.from_smolagents_log"
+
+# ReAct (HotPotQA / WebShop): `Thought 3:`, `Action:`, `Observation 2:` at a line start, step numbers optional.
+# WebShop's `Action: think[...]` is reasoning written as an action; a bare `Finish[...]` line is the final answer.
+_REACT_MARKER = re.compile(
+    r"^[ \t]*(?:(?P<name>thought|action|observation)[ \t]*\d*[ \t]*:(?P<think>(?=[ \t]*think[ \t]*\[))?"
+    r"|(?P<finish>finish[ \t]*\[))",
+    re.IGNORECASE | re.MULTILINE,
+)
+_REACT_KINDS = {"thought": "reason", "action": "act", "observation": "obs"}
+
+# ALFWorld: the agent's lines carry the `>` prompt; `think:` lines are its reasoning.
+_ALFWORLD_THINK = re.compile(r"think[ \t]*:", re.IGNORECASE)
+
+# smolagents CodeAct. Markers are case-sensitive because smolagents writes them verbatim, and a lowercase
+# `code:` is common in printed tool output. A line-start ```py fence or <code> tag opens an action even without a
+# `Code:` line (the newer smolagents prompts drop it).
+_CODEACT_MARKER = re.compile(
+    r"^[ \t]*(?:(?P<reason>Thought[ \t]*:)"
+    r"|(?P<code>Code[ \t]*:)"
+    r"|(?P<block>```(?:python|py)\b|<code>)"
+    r"|(?P<obs>Observation[ \t]*:|Execution logs[ \t]*:)"
+    r"|(?P<other>Calling tools[ \t]*:)"
+    r"|(?P<final>final_answer[ \t]*\())",
+    re.MULTILINE,
+)
+_BLOCK_OPEN = re.compile(r"\s*(?:(?P<fence>```[\w+.-]*)|(?P<tag><code>))")
+_FENCE_CLOSE = re.compile(r"```|<end_code>")
+_TAG_CLOSE = re.compile(r"</code>|<end_code>")
+_END_CODE = re.compile(r"\s*<end_code>")
+_WHITESPACE = re.compile(r"\s*")
+_REST_OF_LINE = re.compile(r"[^\n]*\n?")
+
+_CODEACT_HINT = re.compile(
+    r"^[ \t]*(?:Code[ \t]*:|Execution logs[ \t]*:|<code>|```(?:python|py)\b|final_answer[ \t]*\()|<end_code>",
+    re.MULTILINE,
+)
+_REACT_HINT = re.compile(r"^[ \t]*(?:thought|action)[ \t]*\d*[ \t]*:", re.IGNORECASE | re.MULTILINE)
+_ALFWORLD_HINT = re.compile(r"^[ \t]*(?:>|think[ \t]*:)", re.IGNORECASE | re.MULTILINE)
+
+_NO_STYLE_REASON = (
+    "no recognisable step: expected 'Thought:'/'Action:' (react), 'Thought:'/'Code:' (codeact) "
+    "or '> ...' lines (alfworld)"
+)
+_NO_STEP_REASONS = {
+    "react": "no recognisable step: expected a 'Thought:' or 'Action:' line (react)",
+    "codeact": "no recognisable step: expected 'Thought:', 'Code:' or a final_answer(...) line (codeact)",
+    "alfworld": "no recognisable step: expected '> ...' action lines (alfworld); for the agent's own output "
+    "without '>' prompts pass role='assistant'",
+    "alfworld-assistant": "no recognisable step: the assistant message is blank (alfworld)",
+}
+
+
+@dataclass(frozen=True)
+class Span:
+    """A half-open character range `[start, end)` of one kind (see `SPAN_KINDS`)."""
+
+    kind: str
+    start: int
+    end: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in SPAN_KINDS:
+            raise ValueError(f"span kind must be one of {SPAN_KINDS}, got {self.kind!r}")
+        if not 0 <= self.start <= self.end:
+            raise ValueError(f"span bounds must satisfy 0 <= start <= end, got [{self.start}, {self.end})")
+
+
+class TrajectoryFormatError(ValueError):
+    """A trajectory that cannot be segmented; `str()` names the row and message it came from when known."""
+
+    def __init__(self, reason: str, *, row_index: int | None = None, message_index: int | None = None):
+        # args stays (reason,) so that the default pickling rebuilds the error and then restores the indices.
+        super().__init__(reason)
+        self.reason = reason
+        self.row_index = row_index
+        self.message_index = message_index
+
+    def __str__(self) -> str:
+        where = []
+        if self.row_index is not None:
+            where.append(f"row {self.row_index}")
+        if self.message_index is not None:
+            where.append(f"message {self.message_index}")
+        return f"{', '.join(where)}: {self.reason}" if where else self.reason
+
+    def with_row(self, row_index: int | None) -> TrajectoryFormatError:
+        """A copy that names the dataset row (the collator knows it, the segmenter does not)."""
+        return type(self)(self.reason, row_index=row_index, message_index=self.message_index)
+
+    def with_message(self, message_index: int | None) -> TrajectoryFormatError:
+        """A copy that names the message of the conversation."""
+        return type(self)(self.reason, row_index=self.row_index, message_index=message_index)
+
+
+# ---------------------------------------------------------------------------------------------- public API
+def detect_style(text: str) -> str:
+    """Guess the trajectory format of `text`: `"codeact"`, `"react"` or `"alfworld"`.
+
+    CodeAct is checked first because its `Thought:` lines would also pass for ReAct.
+    """
+    _check_is_text(text)
+    if _CODEACT_HINT.search(text):
+        return "codeact"
+    if _REACT_HINT.search(text):
+        return "react"
+    if _ALFWORLD_HINT.search(text):
+        return "alfworld"
+    raise TrajectoryFormatError(f"{_NO_STYLE_REASON}; the text reads {_preview(text)}")
+
+
+def segment_text(text: str, style: str = "auto", *, role: str | None = None) -> list[Span]:
+    """Split `text` into sorted, contiguous spans that cover it exactly, merging neighbours of one kind.
+
+    `role=None` means a whole transcript (prompt, steps and observations in one string); `role="assistant"` means
+    the agent's own output only. Other roles give one span of their fixed kind (`other` or `obs`).
+    """
+    _check_style(style)
+    fixed_kind = None if role in (None, "assistant") else _role_kind(role)
+    _check_is_text(text)
+    if not text:
+        return []
+    if fixed_kind is not None:
+        return [Span(fixed_kind, 0, len(text))]
+    assistant = role == "assistant"
+    resolved = detect_style(text) if style == "auto" else style
+    spans = _segment(text, resolved, assistant=assistant)
+    if not _has_step(spans):
+        raise TrajectoryFormatError(f"{_no_step_reason(resolved, assistant)}; the text reads {_preview(text)}")
+    return spans
+
+
+def segment_messages(messages: list[dict], style: str = "auto") -> list[list[Span]]:
+    """One span list per message, with offsets into that message's `content`.
+
+    With `style="auto"` the style is detected once from all assistant contents together, so a last turn that
+    holds only part of the format (e.g. a CodeAct `Thought:` before the final answer) is read the same way.
+    """
+    _check_style(style)
+    _check_conversation(messages)
+    resolved = _conversation_style(messages, style)
+    return [_segment_message(message, index, resolved) for index, message in enumerate(messages)]
+
+
+# ---------------------------------------------------------------------------------------------- conversations
+def _check_conversation(messages: object) -> None:
+    if not isinstance(messages, (list, tuple)):
+        raise TrajectoryFormatError(
+            f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got {type(messages).__name__}"
+        )
+    if not messages:
+        raise TrajectoryFormatError("the conversation has no messages")
+    for index, message in enumerate(messages):
+        _check_message(message, index)
+    if not any(message["role"] == "assistant" for message in messages):
+        roles = sorted({message["role"] for message in messages})
+        raise TrajectoryFormatError(
+            f"the conversation has no assistant message, so there is nothing to train (roles present: {roles})"
+        )
+
+
+def _check_message(message: object, index: int) -> None:
+    if not isinstance(message, Mapping):
+        raise TrajectoryFormatError(
+            f"expected a {{'role': ..., 'content': ...}} dict, got {type(message).__name__}", message_index=index
+        )
+    role = message.get("role")
+    if role not in ROLES:
+        raise TrajectoryFormatError(_unknown_role_reason(role), message_index=index)
+    content = message.get("content")
+    if content is not None and not isinstance(content, str):
+        raise TrajectoryFormatError(
+            f"content is a {type(content).__name__}, not a string; flatten it to a string first "
+            f"({_CONVERTER_HINT})",
+            message_index=index,
+        )
+
+
+def _conversation_style(messages: list[dict], style: str) -> str | None:
+    """The style for every assistant message; None when none could be detected and no message needs one."""
+    if style != "auto":
+        return style
+    contents = [m["content"] for m in messages if m["role"] == "assistant" and m.get("content")]
+    try:
+        return detect_style("\n".join(contents))
+    except TrajectoryFormatError:
+        pass
+    # Free text next to structured tool_calls needs no style (it is reasoning); any other assistant text does.
+    for index, message in enumerate(messages):
+        if message["role"] == "assistant" and message.get("content") and not message.get("tool_calls"):
+            reason = f"{_NO_STYLE_REASON}; the message reads {_preview(message['content'])}"
+            raise TrajectoryFormatError(reason, message_index=index)
+    return None
+
+
+def _segment_message(message: dict, index: int, style: str | None) -> list[Span]:
+    content = message.get("content") or ""
+    role = message["role"]
+    try:
+        if role != "assistant":
+            return segment_text(content, role=role)
+        if not content:
+            return []  # a tool_calls-only turn: the collator trains the rendered call itself
+        if not message.get("tool_calls"):
+            return segment_text(content, style or "auto", role="assistant")
+        spans = _segment(content, style, assistant=True) if style else []
+        # Free text before a structured call (no Thought:/Action: marker) is the agent thinking aloud.
+        return spans if _has_step(spans) else [Span("reason", 0, len(content))]
+    except TrajectoryFormatError as error:
+        raise error.with_message(index) from None
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+def _segment(text: str, style: str, *, assistant: bool) -> list[Span]:
+    """Spans of a non-empty `text` in a concrete style, without checking that it holds a step."""
+    if style == "none":
+        return [Span("act", 0, len(text))]
+    if style == "react":
+        cuts = _react_cuts(text)
+    elif style == "alfworld":
+        cuts = _alfworld_cuts(text, assistant=assistant)
+    else:
+        cuts = _codeact_cuts(text)
+    return _spans_from_cuts(cuts, len(text))
+
+
+def _spans_from_cuts(cuts: list[tuple[int, str]], length: int) -> list[Span]:
+    """Turn non-decreasing `(offset, kind)` boundaries, the first at 0, into contiguous non-empty spans."""
+    spans: list[Span] = []
+    ends = [offset for offset, _ in cuts[1:]] + [length]
+    for (start, kind), end in zip(cuts, ends):
+        if end <= start:
+            continue
+        if spans and spans[-1].kind == kind:
+            spans[-1] = Span(kind, spans[-1].start, end)
+        else:
+            spans.append(Span(kind, start, end))
+    return spans
+
+
+def _has_step(spans: list[Span]) -> bool:
+    return any(span.kind in _STEP_KINDS for span in spans)
+
+
+# ---------------------------------------------------------------------------------------------- react
+def _react_cuts(text: str) -> list[tuple[int, str]]:
+    """Each marker's span runs from its line start to the next marker's line start."""
+    cuts = [(0, "other")]
+    for marker in _REACT_MARKER.finditer(text):
+        cuts.append((marker.start(), _react_kind(marker)))
+    return cuts
+
+
+def _react_kind(marker: re.Match[str]) -> str:
+    if marker.group("finish") is not None:
+        return "act"
+    if marker.group("think") is not None:
+        return "reason"  # WebShop's `Action: think[...]`
+    return _REACT_KINDS[marker.group("name").lower()]
+
+
+# ---------------------------------------------------------------------------------------------- alfworld
+def _alfworld_cuts(text: str, *, assistant: bool) -> list[tuple[int, str]]:
+    """One cut per line; a blank line takes the kind of the line before it (of the first line, if leading)."""
+    kinds: list[str | None] = []
+    # In a transcript, blank lines before the first `>` belong to the task description.
+    previous: str | None = None if assistant else "other"
+    after_prompt = False
+    lines = text.splitlines(keepends=True)
+    for line in lines:
+        kind = _alfworld_line_kind(line, assistant=assistant, after_prompt=after_prompt) or previous
+        after_prompt = after_prompt or line.lstrip().startswith(">")
+        kinds.append(kind)
+        previous = kind
+    first = next((kind for kind in kinds if kind is not None), "other")
+    cuts, offset = [], 0
+    for line, kind in zip(lines, kinds):
+        cuts.append((offset, kind or first))
+        offset += len(line)
+    return cuts
+
+
+def _alfworld_line_kind(line: str, *, assistant: bool, after_prompt: bool) -> str | None:
+    """Kind of one line, or None when it is blank."""
+    body = line.strip()
+    if not body:
+        return None
+    if body.startswith(">"):
+        return "reason" if _ALFWORLD_THINK.match(body[1:].lstrip()) else "act"
+    if assistant:  # the agent's own output has no observations, and its `>` prompt may be missing
+        return "reason" if _ALFWORLD_THINK.match(body) else "act"
+    return "obs" if after_prompt else "other"
+
+
+# ---------------------------------------------------------------------------------------------- codeact
+def _codeact_cuts(text: str) -> list[tuple[int, str]]:
+    """Scan marker by marker, jumping over code blocks so that markers inside code are ignored."""
+    cuts = [(0, "other")]
+    position = 0
+    while (marker := _CODEACT_MARKER.search(text, position)) is not None:
+        name = marker.lastgroup
+        if name in ("code", "block"):
+            cuts.append((marker.start(), "act"))
+            end = _code_block_end(text, marker)
+            if end is None:  # `Code:` with unfenced code: it runs to the next marker
+                end = marker.end()
+            else:
+                cuts.append((end, "other"))  # e.g. smolagents' `Calling tools:` dump
+        elif name == "final":
+            cuts.append((marker.start(), "act"))
+            end = _REST_OF_LINE.match(text, marker.end()).end()
+            cuts.append((end, "other"))
+        else:
+            cuts.append((marker.start(), name))
+            end = marker.end()
+        position = end
+    return cuts
+
+
+def _code_block_end(text: str, marker: re.Match[str]) -> int | None:
+    """Where the action opened by `marker` ends: after its closer, any `<end_code>` and trailing whitespace.
+
+    Returns None for a `Code:` line followed by no fence at all.
+    """
+    after_code_marker = marker.lastgroup == "code"
+    if after_code_marker:
+        opener = _BLOCK_OPEN.match(text, marker.end())
+        if opener is None:
+            return None
+        is_tag = opener.group("tag") is not None
+        opener_text, opener_end = opener.group().strip(), opener.end()
+    else:
+        opener_text, opener_end = marker.group().strip(), marker.end()
+        is_tag = opener_text == "<code>"
+    closer = (_TAG_CLOSE if is_tag else _FENCE_CLOSE).search(text, opener_end)
+    if closer is None:
+        line = text.count("\n", 0, opener_end) + 1
+        raise TrajectoryFormatError(_unclosed_reason(opener_text, is_tag, after_code_marker, line))
+    end = closer.end()
+    if closer.group() != "<end_code>":
+        end_code = _END_CODE.match(text, end)
+        if end_code is not None:
+            end = end_code.end()
+    return _after_trailing_whitespace(text, end)
+
+
+def _after_trailing_whitespace(text: str, end: int) -> int:
+    """Extend `end` over whitespace, but leave the indentation of a following line to that line's span."""
+    stop = _WHITESPACE.match(text, end).end()
+    if stop == len(text):
+        return stop
+    newline = text.rfind("\n", end, stop)
+    return newline + 1 if newline >= 0 else stop
+
+
+def _unclosed_reason(opener: str, is_tag: bool, after_code_marker: bool, line: int) -> str:
+    where = "after 'Code:'" if after_code_marker else repr(opener)
+    if is_tag:
+        return f"unclosed <code> block {where} (add the closing </code>); it opens on line {line}"
+    return f"unclosed code fence {where} (add the closing ``` or <end_code>); it opens on line {line}"
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def _check_style(style: str) -> None:
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+
+
+def _check_is_text(text: object) -> None:
+    if not isinstance(text, str):
+        raise TrajectoryFormatError(
+            f"expected the trajectory as a string, got {type(text).__name__}; flatten it first ({_CONVERTER_HINT})"
+        )
+
+
+def _role_kind(role: object) -> str:
+    if not isinstance(role, str) or role not in _ROLE_KINDS:
+        raise TrajectoryFormatError(_unknown_role_reason(role))
+    return _ROLE_KINDS[role]
+
+
+def _unknown_role_reason(role: object) -> str:
+    reason = f"unknown role {role!r}; allowed roles: {', '.join(ROLES)}"
+    if role in ("tool-call", "tool-response"):
+        reason += f" ({_CONVERTER_HINT})"
+    return reason
+
+
+def _no_step_reason(style: str, assistant: bool) -> str:
+    if style == "alfworld" and assistant:
+        return _NO_STEP_REASONS["alfworld-assistant"]
+    return _NO_STEP_REASONS[style]
+
+
+def _preview(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
