@@ -5,3 +5,39 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+# Text in every segmentation style, so the tiny tokenizer has merges for all of them.
+EXTRA_TEXTS = [
+    "Question: Which town is larger, Varnholt or Ostmere?\nThought 1: I should search Varnholt.\n"
+    "Action 1: Search[Varnholt]\nObservation 1: Varnholt has 4120 inhabitants.\nAction 2: Finish[Varnholt]",
+    "> think: I need to find the apple.\nOK.\n> go to countertop 1\nOn the countertop 1, you see an apple 1.",
+    "Action: think[the red mug is cheaper]\nAction: search[red mug]\nAction: click[Buy Now]",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from trl_agent_distill.tiny import toy_texts, train_tokenizer
+
+    return train_tokenizer(toy_texts() + EXTRA_TEXTS, vocab_size=600)
+
+
+@pytest.fixture
+def make_model(tiny_tokenizer):
+    """Fresh tiny causal LMs: the student is smaller than the teacher, both share the tokenizer."""
+    from trl_agent_distill.tiny import build_tiny_model
+
+    def make(role: str = "student", **overrides):
+        sizes = {"student": dict(hidden_size=64, num_layers=2, seed=0), "teacher": dict(hidden_size=64, num_layers=3, seed=1)}
+        return build_tiny_model(tiny_tokenizer, **{**sizes[role], **overrides})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def toy_dataset():
+    from trl_agent_distill.tiny import toy_trajectories
+
+    return toy_trajectories()

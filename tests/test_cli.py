@@ -1,0 +1,98 @@
+from pathlib import Path
+
+import pytest
+
+from trl_agent_distill.cli import main, parse_train_args
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+def test_there_are_the_documented_recipes():
+    names = {path.name for path in RECIPES}
+    assert {
+        "toy_cpu.yaml",
+        "qwen2.5-7b-to-0.5b-qlora.yaml",
+        "react-hotpotqa-sad.yaml",
+        "token-kd-baseline.yaml",
+        "sft-baseline.yaml",
+    } <= names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.name)
+def test_every_recipe_parses_without_loading_anything(recipe):
+    script_args, training_args, model_args, _ = parse_train_args(["--config", str(recipe)])
+    assert model_args.model_name_or_path
+    assert training_args.segmentation_style in ("codeact", "react", "none")
+    assert training_args.lmbda == 0.0
+    if training_args.needs_teacher:
+        assert training_args.teacher_model_name_or_path
+
+
+def test_qlora_recipe_asks_for_a_4bit_student_and_teacher():
+    _, training_args, model_args, _ = parse_train_args(["--config", str(ROOT / "recipes/qwen2.5-7b-to-0.5b-qlora.yaml")])
+    assert model_args.load_in_4bit and model_args.use_peft and model_args.lora_r == 64
+    assert training_args.teacher_load_in_4bit
+    assert training_args.bf16 is False  # decided by the machine: no CUDA here
+
+
+def test_flags_override_the_recipe():
+    _, training_args, _, _ = parse_train_args(
+        ["--config", str(ROOT / "recipes/toy_cpu.yaml"), "--lambda_act", "2.5", "--max_steps", "7"]
+    )
+    assert (training_args.lambda_act, training_args.max_steps) == (2.5, 7)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("lambda_actt: 1.0", "unknown key.*lambda_actt"),
+        ("lambda_act: high", "key 'lambda_act' has value 'high'"),
+        ("max_steps: [3]", "key 'max_steps'"),
+        ("segmentation_style: json", "key 'segmentation_style'.*choose one of"),
+    ],
+)
+def test_bad_recipes_fail_naming_the_key(tmp_path, line, message):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text((ROOT / "recipes/toy_cpu.yaml").read_text() + line + "\n")
+    with pytest.raises(ValueError, match=message):
+        parse_train_args(["--config", str(recipe)])
+
+
+def test_command_usage(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["nonsense"])
+    assert exit_.value.code == 2 and "train" in capsys.readouterr().out
+
+
+def test_demo_path_end_to_end(tmp_path, capsys):
+    toy = tmp_path / "toy"
+    main(["init-tiny", "--output_dir", str(toy), "--teacher_sft_steps", "4"])
+    assert (toy / "teacher" / "toy_sft.json").is_file() and (toy / "student" / "config.json").is_file()
+    out = tmp_path / "student_out"
+    main(
+        [
+            "train", "--config", str(ROOT / "recipes/toy_cpu.yaml"),
+            "--model_name_or_path", str(toy / "student"), "--teacher_model_name_or_path", str(toy / "teacher"),
+            "--dataset_name", str(ROOT / "trl_agent_distill/resources/toy_trajectories.jsonl"),
+            "--output_dir", str(out), "--max_steps", "4", "--logging_steps", "2",
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert "loss_reason" in printed and "loss_act" in printed
+    assert len([line for line in printed.splitlines() if line.strip().startswith(("2 ", "4 "))]) == 2
+    assert (out / "model.safetensors").is_file()
+
+
+def test_smolagents_rows_train_through_the_dataset_option(tmp_path):
+    toy = tmp_path / "toy"
+    main(["init-tiny", "--output_dir", str(toy), "--teacher_sft_steps", "0"])
+    main(
+        [
+            "train", "--config", str(ROOT / "recipes/toy_cpu.yaml"),
+            "--model_name_or_path", str(toy / "student"), "--teacher_model_name_or_path", str(toy / "teacher"),
+            "--dataset_name", str(ROOT / "tests/fixtures/data/smolagents_rows.jsonl"), "--dataset_format", "smolagents",
+            "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--per_device_train_batch_size", "2",
+        ]
+    )
+    assert (tmp_path / "out" / "model.safetensors").is_file()

@@ -1,0 +1,223 @@
+"""`trl-agent-distill`: the command line.
+
+    trl-agent-distill train --config recipes/toy_cpu.yaml [--flag value ...]
+    trl-agent-distill init-tiny --output_dir outputs/toy
+
+`train` parses a recipe with TRL's `TrlParser` (flat keys across the script, trainer, model and dataset-mixture
+dataclasses; command-line flags override the YAML) and runs `AgentDistillTrainer`; it also works under
+`accelerate launch -m trl_agent_distill train ...`. Recipes are checked (unknown keys, wrong types) before any model
+loads. `init-tiny` writes a tiny teacher / student pair for the CPU demo and tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .config import AgentDistillConfig
+from .data import DATASET_FORMATS
+
+_LOCAL_DATA_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+@dataclass
+class AgentDistillScriptArguments:
+    """Dataset options of `trl-agent-distill train` (besides TRL's `datasets:` mixture)."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Hub dataset name, local dataset directory, or a local .json/.jsonl/.parquet/.csv file."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on (when eval is on)."})
+    dataset_format: str = field(
+        default="auto",
+        metadata={
+            "help": "Row format: 'messages' (chat), 'text' (plain trajectory, optional 'prompt'), 'smolagents' "
+            "(released agent-distillation rows with 'log_data'), or 'auto' to detect from the columns.",
+            "choices": list(DATASET_FORMATS),
+        },
+    )
+
+
+def make_train_parser():
+    from trl import DatasetMixtureConfig, ModelConfig, TrlParser
+
+    return TrlParser(
+        (AgentDistillScriptArguments, AgentDistillConfig, ModelConfig, DatasetMixtureConfig),
+        prog="trl-agent-distill train",
+    )
+
+
+def parse_train_args(argv: list[str]):
+    """Parse `train` arguments, failing on unknown recipe keys or wrongly typed values before anything loads."""
+    parser = make_train_parser()
+    if "--config" in argv:
+        config_path = argv[argv.index("--config") + 1]
+        check_recipe(parser, config_path)
+    return parser.parse_args_and_config(args=argv)
+
+
+def check_recipe(parser: argparse.ArgumentParser, config_path: str) -> None:
+    """Reject unknown keys and values whose type does not fit the field, naming the key and the file."""
+    path = Path(config_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Recipe {config_path} does not exist.")
+    config = yaml.safe_load(path.read_text())
+    if not isinstance(config, dict):
+        raise ValueError(f"Recipe {config_path} must be a YAML mapping of option: value.")
+    actions = {action.dest: action for action in parser._actions}
+    unknown = sorted(key for key in config if key not in actions and key != "env")
+    if unknown:
+        raise ValueError(
+            f"Recipe {config_path}: unknown key(s) {unknown}. Check the spelling against "
+            "`trl-agent-distill train --help`."
+        )
+    for key, value in config.items():
+        if key == "env" or value is None:
+            continue
+        action = actions[key]
+        if _is_structured(value) or action.type is None:
+            continue  # mixtures and dict options are validated by their own dataclass
+        values = value if isinstance(value, list) and action.nargs in ("+", "*") else [value]
+        for item in values:
+            try:
+                converted = action.type(item if isinstance(item, str) else str(item))
+            except (TypeError, ValueError, argparse.ArgumentTypeError):
+                raise ValueError(
+                    f"Recipe {config_path}: key '{key}' has value {value!r}, which is not a valid "
+                    f"{getattr(action.type, '__name__', action.type)}."
+                ) from None
+            if action.choices is not None and converted not in action.choices:
+                raise ValueError(
+                    f"Recipe {config_path}: key '{key}' has value {value!r}; choose one of {list(action.choices)}."
+                )
+
+
+def _is_structured(value) -> bool:
+    return isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, dict) for v in value))
+
+
+def load_trajectory_splits(script_args: AgentDistillScriptArguments, dataset_args):
+    """Load the training data from a `datasets:` mixture, a hub name, a directory or a local file."""
+    from datasets import DatasetDict, load_dataset, load_from_disk
+    from trl import get_dataset
+
+    from .data import prepare_trajectory_dataset
+
+    if dataset_args.datasets:
+        dataset = get_dataset(dataset_args)
+    elif script_args.dataset_name is None:
+        raise ValueError("No training data: set `dataset_name` or a `datasets:` mixture in the recipe.")
+    else:
+        name = script_args.dataset_name
+        builder = _LOCAL_DATA_BUILDERS.get(Path(name).suffix)
+        if builder and Path(name).is_file():
+            dataset = load_dataset(builder, data_files={script_args.dataset_train_split: name})
+        elif Path(name, "dataset_dict.json").is_file() or Path(name, "dataset_info.json").is_file():
+            dataset = load_from_disk(name)
+        else:
+            dataset = load_dataset(name, name=script_args.dataset_config)
+    if not isinstance(dataset, DatasetDict):
+        dataset = DatasetDict({script_args.dataset_train_split: dataset})
+    return DatasetDict(
+        {split: prepare_trajectory_dataset(rows, script_args.dataset_format) for split, rows in dataset.items()}
+    )
+
+
+def train(script_args, training_args: AgentDistillConfig, model_args, dataset_args):
+    from trl import get_peft_config, get_quantization_config
+
+    from .trainer import AgentDistillTrainer
+
+    training_args.model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "trust_remote_code": training_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+        **(training_args.model_init_kwargs or {}),
+    }
+    splits = load_trajectory_splits(script_args, dataset_args)
+    if script_args.dataset_train_split not in splits:
+        raise ValueError(
+            f"The dataset has no split '{script_args.dataset_train_split}' (it has {list(splits)}); set "
+            "dataset_train_split."
+        )
+    eval_dataset = None
+    if training_args.eval_strategy != "no":
+        if script_args.dataset_test_split not in splits:
+            raise ValueError(
+                f"eval_strategy is '{training_args.eval_strategy}' but the dataset has no split "
+                f"'{script_args.dataset_test_split}' (it has {list(splits)}); set dataset_test_split."
+            )
+        eval_dataset = splits[script_args.dataset_test_split]
+    trainer = AgentDistillTrainer(
+        model=model_args.model_name_or_path,
+        teacher_model=training_args.teacher_model_name_or_path,
+        args=training_args,
+        train_dataset=splits[script_args.dataset_train_split],
+        eval_dataset=eval_dataset,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        print(format_span_losses(trainer.state.log_history))
+        print(f"Saved the student to {training_args.output_dir}")
+    trainer.end()
+    return trainer
+
+
+def format_span_losses(log_history: list[dict]) -> str:
+    """A small table of the logged per-span losses, first to last, so a run shows at a glance whether they fall."""
+    columns = ["loss", "loss_reason", "loss_act", "loss_ce"]
+    rows = [entry for entry in log_history if "loss_reason" in entry or "loss_act" in entry]
+    columns = [c for c in columns if any(c in entry for entry in rows)]
+    lines = ["step  " + "  ".join(f"{c:>12}" for c in columns)]
+    for entry in rows:
+        lines.append(f"{entry.get('step', 0):>4}  " + "  ".join(f"{entry.get(c, float('nan')):>12.4f}" for c in columns))
+    return "\n".join(lines)
+
+
+def init_tiny(argv: list[str]) -> None:
+    from .tiny import prepare_toy_pair
+
+    parser = argparse.ArgumentParser(
+        prog="trl-agent-distill init-tiny",
+        description="Write a tiny tokenizer, a teacher briefly fine-tuned on the toy trajectories, and a smaller "
+        "student, for the offline CPU demo.",
+    )
+    parser.add_argument("--output_dir", default="outputs/toy")
+    parser.add_argument("--teacher_sft_steps", type=int, default=80, help="SFT steps that make the teacher a teacher.")
+    parser.add_argument("--overwrite", action="store_true")
+    options = parser.parse_args(argv)
+    teacher, student = prepare_toy_pair(options.output_dir, options.teacher_sft_steps, overwrite=options.overwrite)
+    print(f"teacher: {teacher}\nstudent: {student}")
+
+
+COMMANDS = {"train": "distill a student from a recipe", "init-tiny": "write the tiny CPU demo models"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        usage = "\n".join(f"  {name:<10} {help_}" for name, help_ in COMMANDS.items())
+        print(f"usage: trl-agent-distill <command> [options]\n\ncommands:\n{usage}")
+        raise SystemExit(0 if not argv or argv[0] in ("-h", "--help") else 2)
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        train(*parse_train_args(rest))
+    else:
+        init_tiny(rest)
+
+
+if __name__ == "__main__":
+    main()

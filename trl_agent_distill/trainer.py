@@ -1,0 +1,349 @@
+"""`AgentDistillTrainer`: TRL's `GKDTrainer` with REASON / ACT span-weighted distillation.
+
+A drop-in replacement: same constructor, same on-policy options (`lmbda`, `seq_kd`), but the loss is
+`span_divergence_loss` over every assistant turn of an agent trajectory, observations and prompts untrained,
+masks rebuilt for generated completions, exact under gradient accumulation, and QLoRA students / quantized
+teachers load from the config alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+from datasets import Dataset, IterableDataset
+from transformers import (
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TrainerCallback,
+)
+from trl import SFTTrainer
+from trl.experimental.gkd import GKDTrainer
+from trl.models import prepare_deepspeed
+from trl.models.utils import unwrap_model_for_generation
+from trl.trainer.utils import create_model_from_path, disable_dropout_in_model
+
+from .collator import ACT, REASON, AgentTrajectoryCollator
+from .config import AgentDistillConfig
+from .losses import span_divergence_loss
+from .segmentation import TrajectoryFormatError
+
+logger = logging.getLogger(__name__)
+
+_STAT_NAMES = ("reason_sum", "reason_tokens", "act_sum", "act_tokens", "ce_sum")
+
+
+class AgentDistillTrainer(GKDTrainer):
+    """Distill a teacher agent into a student with `lambda_reason * KL_reason + lambda_act * KL_act`.
+
+    Args:
+        model: the student (a model or a name / path; `args.model_init_kwargs` may carry a 4-bit
+            `quantization_config` for QLoRA together with `peft_config`).
+        teacher_model: the teacher (a model or a name / path; defaults to `args.teacher_model_name_or_path`). It may be
+            omitted for the pure cross-entropy (SFT) baseline. Teacher and student must share a tokenizer; a
+            vocabulary padded to a different size (Qwen2.5-0.5B vs 7B) is fine.
+        train_dataset / eval_dataset: rows with `messages` or `text` (see `AgentTrajectoryCollator`). Every row is
+            checked before training starts, so a malformed trajectory fails at once, naming its row.
+        data_collator: defaults to an `AgentTrajectoryCollator` built from `args`.
+    """
+
+    _tag_names = ["trl", "gkd", "trl-agent-distill"]
+    _name = "AgentDistill"
+
+    def __init__(
+        self,
+        model: PreTrainedModel | nn.Module | str | None = None,
+        teacher_model: PreTrainedModel | nn.Module | str | None = None,
+        args: AgentDistillConfig | None = None,
+        data_collator: Callable | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        compute_metrics: Callable | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple = (None, None),
+        preprocess_logits_for_metrics: Callable | None = None,
+        peft_config: Any = None,
+        formatting_func: Callable | None = None,
+        quantization_config: BitsAndBytesConfig | None = None,
+    ):
+        if args is None:
+            args = AgentDistillConfig(output_dir="agent-distill")
+        if not isinstance(args, AgentDistillConfig):
+            raise TypeError(f"args must be an AgentDistillConfig, got {type(args).__name__}.")
+        if args.packing or args.padding_free:
+            raise ValueError("packing / padding_free are not supported: REASON / ACT masks are per trajectory.")
+        if formatting_func is not None:
+            raise ValueError("formatting_func is not supported: give rows with 'messages' or 'text' instead.")
+        teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
+        if teacher_model is None and args.needs_teacher:
+            raise ValueError(
+                "No teacher: pass teacher_model= or set teacher_model_name_or_path. Only the pure cross-entropy "
+                "baseline (lambda_reason = lambda_act = 0, lambda_ce > 0, lmbda = 0) runs without one."
+            )
+        if args.teacher_model_init_kwargs is not None and teacher_model is not None and not isinstance(teacher_model, str):
+            raise ValueError("teacher_model_init_kwargs was set, but the teacher model is already instantiated.")
+
+        processing_class = processing_class or _load_tokenizer(model, args)
+        if data_collator is None:
+            data_collator = AgentTrajectoryCollator(
+                processing_class,
+                max_length=args.max_length,
+                style=args.segmentation_style,
+                on_malformed=args.on_malformed,
+            )
+        self.num_malformed_skipped = 0
+        if isinstance(data_collator, AgentTrajectoryCollator):
+            train_dataset = self._check_rows(train_dataset, data_collator, "train")
+            if isinstance(eval_dataset, dict):
+                eval_dataset = {k: self._check_rows(v, data_collator, k) for k, v in eval_dataset.items()}
+            else:
+                eval_dataset = self._check_rows(eval_dataset, data_collator, "eval")
+
+        # The raw columns must reach the collator, which tokenizes; TRL's own preparation would drop them.
+        args.remove_unused_columns = False
+        args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+        SFTTrainer.__init__(
+            self,
+            model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+        )
+        # Our loss divides by `num_items_in_batch` itself, so the Trainer must count it and not rescale the loss.
+        self.model_accepts_loss_kwargs = True
+
+        self.teacher_model = None
+        self._shared_vocab_size = self.model.config.get_text_config().vocab_size
+        if teacher_model is not None:
+            if isinstance(teacher_model, str):
+                teacher_model = self._load_teacher(teacher_model)
+            self._shared_vocab_size = self._check_vocabularies(teacher_model)
+            if self.is_deepspeed_enabled:
+                self.teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
+            else:
+                self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+            self.teacher_model.eval()
+        if args.disable_dropout:
+            disable_dropout_in_model(self.model)
+
+        self.lmbda = args.lmbda
+        self.beta = args.beta
+        self.temperature = args.temperature
+        self.seq_kd = args.seq_kd
+        self.generation_kwargs = {
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+            "do_sample": True,
+            "top_k": 0,
+            "top_p": 1.0,
+            "use_cache": not args.gradient_checkpointing,
+            "pad_token_id": self.processing_class.pad_token_id,
+        }
+        self.generation_config = GenerationConfig(**self.generation_kwargs)
+        # Chat models stop on their end-of-turn token (Llama 3's <|eot_id|>, ChatML's <|im_end|>), not only EOS.
+        model_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        self.generation_config.eos_token_id = model_eos if model_eos is not None else self.processing_class.eos_token_id
+
+        self._span_token_counts: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._span_stats = {mode: torch.zeros(len(_STAT_NAMES), dtype=torch.float64) for mode in ("train", "eval")}
+
+    # ------------------------------------------------------------------ setup
+    def _check_rows(self, dataset, collator: AgentTrajectoryCollator, split: str):
+        """Encode every row once so a malformed trajectory fails before training (or is dropped and counted)."""
+        if dataset is None or isinstance(dataset, IterableDataset):
+            return dataset
+        keep, truncated_before = [], collator.num_truncated
+        for index, row in enumerate(dataset):
+            try:
+                collator.encode(row, row_index=index)
+                keep.append(index)
+            except TrajectoryFormatError as error:
+                if collator.on_malformed == "raise":
+                    raise TrajectoryFormatError(
+                        f"{error.reason} (in the {split} dataset; fix the row, or set on_malformed='skip' to drop "
+                        "such rows)",
+                        row_index=error.row_index,
+                        message_index=error.message_index,
+                    ) from None
+                logger.warning("Dropping %s row %d: %s", split, index, error)
+        dropped = len(dataset) - len(keep)
+        if dropped:
+            self.num_malformed_skipped += dropped
+            logger.warning("Dropped %d malformed rows of %d from the %s dataset.", dropped, len(dataset), split)
+            dataset = dataset.select(keep)
+        if not len(dataset):
+            raise ValueError(f"The {split} dataset has no usable trajectory left.")
+        if collator.num_truncated > truncated_before:
+            logger.warning(
+                "%d %s rows are longer than max_length=%s and will be cut at the end.",
+                collator.num_truncated - truncated_before, split, collator.max_length,
+            )
+        return dataset
+
+    def _load_teacher(self, name_or_path: str) -> PreTrainedModel:
+        args = self.args
+        kwargs = dict(args.teacher_model_init_kwargs or {})
+        kwargs.setdefault("dtype", "auto")
+        kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+        if args.teacher_load_in_4bit or args.teacher_load_in_8bit:
+            compute_dtype = torch.bfloat16 if args.bf16 else torch.float32
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=args.teacher_load_in_4bit,
+                load_in_8bit=args.teacher_load_in_8bit,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=compute_dtype,
+            )
+            kwargs.setdefault("device_map", {"": self.accelerator.device})
+        return create_model_from_path(name_or_path, **kwargs)
+
+    def _check_vocabularies(self, teacher_model: nn.Module) -> int:
+        """The number of logit columns both models share; fails when the tokenizer does not fit in both."""
+        student_size = self.model.config.get_text_config().vocab_size
+        teacher_size = teacher_model.config.get_text_config().vocab_size
+        tokenizer_size = len(self.processing_class)
+        if student_size != teacher_size and tokenizer_size > min(student_size, teacher_size):
+            raise ValueError(
+                f"The student has vocab_size {student_size} and the teacher vocab_size {teacher_size}, and the "
+                f"tokenizer has {tokenizer_size} tokens: they do not share a vocabulary, so their next-token "
+                "distributions cannot be compared. Use a teacher and student of one model family, or TRL's GOLD "
+                "trainer (trl.experimental.gold) for cross-tokenizer distillation."
+            )
+        return min(student_size, teacher_size)
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
+        """GKD's step, with the REASON / ACT masks of generated completions rebuilt from their text."""
+        generator = None
+        if random.random() < self.lmbda:
+            generator = model
+        elif self.seq_kd:
+            generator = self.teacher_model
+        if generator is not None:
+            with unwrap_model_for_generation(
+                generator,
+                self.accelerator,
+                generation_kwargs=self.generation_kwargs,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as unwrapped:
+                input_ids, attention_mask, _ = self.generate_on_policy_outputs(
+                    unwrapped, inputs, self.generation_config
+                )
+            inputs = {**inputs, **self._relabel_generated(input_ids, attention_mask, inputs["prompts"].shape[1])}
+        if self.lmbda > 0 or self.seq_kd:
+            # Token counts taken from the dataset's labels are stale once any batch may be regenerated:
+            # normalize each micro-batch locally and let the Trainer average over accumulation steps.
+            num_items_in_batch = None
+        return SFTTrainer.training_step(self, model, inputs, num_items_in_batch)
+
+    def _relabel_generated(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int) -> dict:
+        collator = self._mask_collator()
+        kinds = torch.zeros_like(input_ids)
+        for row in range(input_ids.shape[0]):
+            completion = input_ids[row, prompt_width:][attention_mask[row, prompt_width:].bool()]
+            if completion.numel():
+                row_kinds = collator.completion_kinds(completion.tolist())
+                kinds[row, prompt_width : prompt_width + len(row_kinds)] = torch.tensor(row_kinds, device=kinds.device)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": torch.where(kinds > 0, input_ids, -100),
+            "reason_mask": (kinds == REASON).long(),
+            "act_mask": (kinds == ACT).long(),
+        }
+
+    def _mask_collator(self) -> AgentTrajectoryCollator:
+        if isinstance(self.data_collator, AgentTrajectoryCollator):
+            return self.data_collator
+        return AgentTrajectoryCollator(self.processing_class, style=self.args.segmentation_style)
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        """Also count REASON and ACT tokens over the whole accumulation window, for 'span' normalization."""
+        num_items_in_batch = super()._get_num_items_in_batch(batch_samples, device)
+        if batch_samples and "reason_mask" in batch_samples[0]:
+            counts = torch.stack(
+                [
+                    sum(batch[name][:, 1:].sum() for batch in batch_samples)
+                    for name in ("reason_mask", "act_mask")
+                ]
+            ).to(device)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                counts = self.accelerator.gather(counts.unsqueeze(0)).sum(0)
+            self._span_token_counts = (counts[0], counts[1])
+        return num_items_in_batch
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args = self.args
+        mode = "train" if self.model.training else "eval"
+        model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "use_cache": False}
+        student_outputs = model(**model_inputs)
+        vocab = self._shared_vocab_size
+        student_logits = student_outputs.logits[:, :-1, :vocab]
+        teacher_logits = student_logits
+        if args.lambda_reason > 0 or args.lambda_act > 0:
+            with torch.no_grad():
+                teacher_logits = self.teacher_model(**model_inputs).logits[:, :-1, :vocab]
+        output = span_divergence_loss(
+            student_logits,
+            teacher_logits,
+            inputs["reason_mask"][:, 1:],
+            inputs["act_mask"][:, 1:],
+            lambda_reason=args.lambda_reason,
+            lambda_act=args.lambda_act,
+            beta=args.beta,
+            temperature=args.loss_temperature,
+            num_items_in_batch=num_items_in_batch,
+            labels=inputs["labels"][:, 1:],
+            lambda_ce=args.lambda_ce,
+            span_normalization=args.span_normalization,
+            span_token_counts=self._span_token_counts if num_items_in_batch is not None else None,
+        )
+        loss = output.loss
+        if args.average_tokens_across_devices and num_items_in_batch is not None:
+            # The count is global, and DDP averages gradients over processes: undo that average, as Trainer does.
+            loss = loss * self.accelerator.num_processes
+        stats = torch.stack([getattr(output, name).float() for name in _STAT_NAMES])
+        self._span_stats[mode] += self.accelerator.gather(stats.unsqueeze(0)).sum(0).double().cpu()
+        return (loss, student_outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add per-kind mean divergences (`loss_reason`, `loss_act`, `loss_ce`) and token counts to the logs."""
+        mode = "train" if self.model.training else "eval"
+        stats = dict(zip(_STAT_NAMES, self._span_stats[mode].tolist()))
+        trained = stats["reason_tokens"] + stats["act_tokens"]
+        if trained:
+            metrics = self._metrics[mode]
+            metrics["loss_reason"] = [stats["reason_sum"] / max(stats["reason_tokens"], 1)]
+            metrics["loss_act"] = [stats["act_sum"] / max(stats["act_tokens"], 1)]
+            if self.args.lambda_ce > 0:
+                metrics["loss_ce"] = [stats["ce_sum"] / trained]
+            metrics["tokens_reason"] = [stats["reason_tokens"]]
+            metrics["tokens_act"] = [stats["act_tokens"]]
+            if mode == "train" and self.num_malformed_skipped:
+                metrics["malformed_rows_skipped"] = [self.num_malformed_skipped]
+        self._span_stats[mode].zero_()
+        super().log(logs, start_time)
+
+
+def _load_tokenizer(model: Any, args: AgentDistillConfig) -> PreTrainedTokenizerBase:
+    name = model if isinstance(model, str) else model.config._name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=args.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
