@@ -179,3 +179,31 @@ def test_slow_tokenizers_are_refused():
 
     with pytest.raises(ValueError, match="fast tokenizer"):
         AgentTrajectoryCollator(Slow())
+
+
+LLAMA3_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+
+def test_a_llama3_style_template_trains_the_same_text(tiny_tokenizer):
+    llama = copy.deepcopy(tiny_tokenizer)
+    llama.add_special_tokens(
+        {"bos_token": "<|begin_of_text|>", "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]}
+    )
+    llama.chat_template = LLAMA3_TEMPLATE
+    collator = AgentTrajectoryCollator(llama)
+    assert collator.end_of_turn == "<|eot_id|>"
+    batch = collator([CODEACT_ROW])
+    assert_invariants(batch)
+    act_text = decode_where(llama, batch, 0, "act_mask")
+    assert act_text.count("<|eot_id|>") == 2 and "final_answer(4120)" in act_text
+    assert "<|start_header_id|>" not in act_text + decode_where(llama, batch, 0, "reason_mask")
+    chatml = AgentTrajectoryCollator(tiny_tokenizer)([CODEACT_ROW])
+    strip = lambda text: text.replace("<|eot_id|>", "").replace("<|im_end|>", "")  # noqa: E731
+    for mask in ("reason_mask", "act_mask"):
+        assert strip(decode_where(llama, batch, 0, mask)) == strip(decode_where(tiny_tokenizer, chatml, 0, mask))

@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 UNTRAINED, REASON, ACT = 0, 1, 2
 _KIND_CODES = {"reason": REASON, "act": ACT}
 ON_MALFORMED = ("raise", "skip")
-_PROBE = "\x1fPROBE\x1f"
+_PROBE = "PROBE7d1f0c"  # plain text: templates that `| trim` must keep it whole
 _TRUNCATION_WARNINGS = 3  # per collator: a long dataset would otherwise flood the log every epoch
 
 
@@ -247,7 +247,11 @@ class AgentTrajectoryCollator:
         except Exception as error:  # a template that rejects the probe gets no end-of-turn training
             logger.warning("Could not probe the chat template's end-of-turn marker: %s", error)
             return None
-        after = rendered[rendered.find(_PROBE) + len(_PROBE) :]
+        position = rendered.find(_PROBE)
+        if position < 0:
+            logger.warning("The chat template does not render assistant content verbatim; no end-of-turn is trained.")
+            return None
+        after = rendered[position + len(_PROBE) :]
         special = set(self.tokenizer.all_special_tokens) | {
             token.content for token in self.tokenizer.added_tokens_decoder.values()
         }
