@@ -124,3 +124,98 @@ def test_bad_inputs_are_refused(batch):
         span_divergence_loss(student, teacher, reason, act, span_normalization="sequence")
     with pytest.raises(ValueError, match="beta"):
         token_divergence(student[0], teacher[0], beta=1.5)
+
+
+# ------------------------------------------------------------------ chunked path == logits path
+from trl_agent_distill.heads import LogitHead  # noqa: E402
+from trl_agent_distill.losses import (  # noqa: E402
+    DenseTeacher,
+    SparseTeacher,
+    chunked_span_divergence_loss,
+    sparse_token_divergence,
+)
+
+H, HT = 6, 5
+
+
+def make_heads(generator, bias=False, scale=1.0, softcap=None):
+    student = LogitHead(
+        torch.randn(V, H, generator=generator).requires_grad_(True),
+        torch.randn(V, generator=generator).requires_grad_(True) if bias else None,
+        scale=scale,
+        softcap=softcap,
+    )
+    teacher = LogitHead(torch.randn(V, HT, generator=generator) * 2, scale=scale, softcap=softcap)
+    return student, teacher
+
+
+def sparse_from_logits(teacher_logits, k, temperature=1.0):
+    logp = F.log_softmax(teacher_logits / temperature, dim=-1)
+    values, ids = logp.topk(k, dim=-1)
+    tail = torch.logsumexp(logp.scatter(-1, ids, float("-inf")), dim=-1)
+    return SparseTeacher(ids, values, tail)
+
+
+CASES = [
+    dict(beta=0.0),
+    dict(beta=1.0),
+    dict(beta=0.5),
+    dict(beta=0.3, temperature=2.0),
+    dict(beta=0.0, lambda_ce=0.7, lambda_act=2.0),
+    dict(beta=0.0, span_normalization="span", lambda_reason=0.5),
+    dict(beta=0.5, num_items_in_batch=40),
+    dict(beta=0.0, lambda_reason=0.0, lambda_act=0.0, lambda_ce=1.0),
+]
+HEADS = [dict(), dict(bias=True), dict(scale=0.25), dict(softcap=3.0)]
+
+
+@pytest.mark.parametrize("head_kind", HEADS, ids=lambda h: ",".join(h) or "plain")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_chunked_equals_logits_path_in_value_and_gradients(batch, case, head_kind, sparse):
+    _, _, labels, reason, act = batch
+    generator = torch.Generator().manual_seed(1)
+    student_head, teacher_head = make_heads(generator, **head_kind)
+    hidden = torch.randn(B, T, H, generator=generator).requires_grad_(True)
+    teacher_hidden = torch.randn(B, T, HT, generator=generator)
+    trained = (reason | act).bool()
+    temperature = case.get("temperature", 1.0)
+    if sparse:
+        teacher_rows = sparse_from_logits(teacher_head.logits(teacher_hidden)[trained], k=4, temperature=temperature)
+        reference_teacher, chunked_teacher = teacher_rows, teacher_rows
+    else:
+        reference_teacher = teacher_head.logits(teacher_hidden)
+        chunked_teacher = DenseTeacher(teacher_hidden[trained], teacher_head)
+    params = [hidden, student_head.weight] + ([student_head.bias] if student_head.bias is not None else [])
+
+    reference = span_divergence_loss(
+        student_head.logits(hidden), reference_teacher, reason, act, labels=labels, **case
+    )
+    reference_grads = torch.autograd.grad(reference.loss, params)
+    chunked = chunked_span_divergence_loss(
+        hidden, student_head, chunked_teacher, reason, act, labels=labels, chunk_size=3, **case
+    )
+    chunked_grads = torch.autograd.grad(chunked.loss, params)
+
+    torch.testing.assert_close(chunked.loss, reference.loss, atol=1e-5, rtol=1e-5)
+    for name in ("reason_sum", "act_sum", "ce_sum"):
+        torch.testing.assert_close(getattr(chunked, name), getattr(reference, name), atol=1e-5, rtol=1e-5)
+    for got, expected in zip(chunked_grads, reference_grads):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert any(g.abs().sum() > 0 for g in chunked_grads)
+
+
+def test_sparse_teacher_with_every_token_in_the_top_k_is_the_dense_divergence(batch):
+    student, teacher, _, _, _ = batch
+    rows_s, rows_t = student.reshape(-1, V).float(), teacher.reshape(-1, V).float()
+    full = sparse_from_logits(rows_t, k=V - 1)
+    torch.testing.assert_close(sparse_token_divergence(rows_s, full), token_divergence(rows_s, rows_t), atol=1e-5, rtol=1e-5)
+    coarse = sparse_from_logits(rows_t, k=2)
+    assert (sparse_token_divergence(rows_s, coarse) <= token_divergence(rows_s, rows_t) + 1e-6).all()
+
+
+def test_chunked_path_needs_a_teacher_for_a_divergence(batch):
+    _, _, _, reason, act = batch
+    student_head, _ = make_heads(torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="no teacher"):
+        chunked_span_divergence_loss(torch.randn(B, T, H), student_head, None, reason, act)

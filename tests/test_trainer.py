@@ -230,3 +230,58 @@ def test_qlora_student_and_4bit_teacher_train_on_cpu(tmp_path, make_model, tiny_
     changed = [n for n, p in trainer.model.named_parameters() if "lora_" in n and not torch.equal(p, lora_before[n])]
     assert len(changed) == len(lora_before) > 0
     assert all(torch.isfinite(torch.tensor(logged(trainer, "loss"))))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_chunked_and_logits_paths_agree_in_loss_and_gradients(tmp_path, make_model, tiny_tokenizer, toy_dataset, family):
+    results = {}
+    for implementation in ("chunked", "logits"):
+        args = make_args(tmp_path, loss_implementation=implementation, lambda_act=2.0, lambda_ce=0.3, beta=0.5)
+        trainer = AgentDistillTrainer(
+            model=make_model("student", family=family),
+            teacher_model=make_model("teacher", family=family, vocab_size=len(tiny_tokenizer) + 64),
+            args=args, train_dataset=toy_dataset, processing_class=tiny_tokenizer,
+        )
+        assert (trainer._chunked is not None) == (implementation == "chunked")
+        batch = trainer.data_collator([toy_dataset[0], toy_dataset[1]])
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        results[implementation] = (loss.detach(), grads)
+    (chunked_loss, chunked_grads), (logits_loss, logits_grads) = results["chunked"], results["logits"]
+    torch.testing.assert_close(chunked_loss, logits_loss, atol=1e-5, rtol=1e-5)
+    assert chunked_grads.keys() == logits_grads.keys() and "lm_head.weight" in chunked_grads
+    for name, grad in chunked_grads.items():
+        torch.testing.assert_close(grad, logits_grads[name], atol=1e-5, rtol=1e-4)
+
+
+def test_chunked_path_never_asks_for_full_logits(tmp_path, make_model, tiny_tokenizer, toy_dataset):
+    trainer = AgentDistillTrainer(
+        model=make_model("student"), teacher_model=make_model("teacher"), args=make_args(tmp_path),
+        train_dataset=toy_dataset, processing_class=tiny_tokenizer,
+    )
+    shapes = []
+    for module in (trainer.model.lm_head, trainer.teacher_model.lm_head):
+        module.register_forward_hook(lambda mod, inputs, output: shapes.append(tuple(output.shape)))
+    batch = trainer.data_collator([toy_dataset[0], toy_dataset[1]])
+    trainer.compute_loss(trainer.model, batch).backward()
+    assert len(shapes) == 2 and all(shape[1] == 1 for shape in shapes)
+
+
+def test_unknown_model_families_fall_back_to_logits(tmp_path, tiny_tokenizer, toy_dataset, caplog):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def gpt2(seed):
+        torch.manual_seed(seed)
+        config = GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=2048)
+        return GPT2LMHeadModel(config)
+
+    with caplog.at_level("WARNING"):
+        trainer = AgentDistillTrainer(
+            model=gpt2(0), teacher_model=gpt2(1), args=make_args(tmp_path, max_steps=1), train_dataset=toy_dataset,
+            processing_class=tiny_tokenizer,
+        )
+    assert trainer._chunked is None and "loss_implementation='logits'" in caplog.text
+    trainer.train()
+    assert logged(trainer, "loss_act")

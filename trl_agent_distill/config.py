@@ -11,6 +11,8 @@ from .collator import ON_MALFORMED
 from .losses import SPAN_NORMALIZATIONS
 from .segmentation import STYLES
 
+LOSS_IMPLEMENTATIONS = ("chunked", "logits")
+
 
 @dataclass
 class AgentDistillConfig(GKDConfig):
@@ -64,6 +66,19 @@ class AgentDistillConfig(GKDConfig):
             "choices": list(ON_MALFORMED),
         },
     )
+    loss_implementation: str = field(
+        default="chunked",
+        metadata={
+            "help": "'chunked': project only trained positions through the output heads, a chunk at a time, so no "
+            "(batch, tokens, vocab) logits exist (falls back to 'logits' with a warning for a model family it does "
+            "not know); 'logits': the models' full logits (simple, for debugging).",
+            "choices": list(LOSS_IMPLEMENTATIONS),
+        },
+    )
+    loss_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "Positions per chunk of the chunked loss; default about 2**26 / vocab (256 MB of float32)."},
+    )
     teacher_load_in_4bit: bool = field(
         default=False, metadata={"help": "Load a teacher given by name in 4-bit NF4 (bitsandbytes)."}
     )
@@ -102,6 +117,10 @@ class AgentDistillConfig(GKDConfig):
             )
         if self.on_malformed not in ON_MALFORMED:
             raise ValueError(f"on_malformed must be one of {ON_MALFORMED}, got {self.on_malformed!r}.")
+        if self.loss_implementation not in LOSS_IMPLEMENTATIONS:
+            raise ValueError(
+                f"loss_implementation must be one of {LOSS_IMPLEMENTATIONS}, got {self.loss_implementation!r}."
+            )
         if self.teacher_load_in_4bit and self.teacher_load_in_8bit:
             raise ValueError("Choose one of teacher_load_in_4bit and teacher_load_in_8bit.")
         if self.loss_temperature <= 0:

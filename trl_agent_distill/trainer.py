@@ -8,6 +8,7 @@ teachers load from the config alone.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from collections.abc import Callable
@@ -32,7 +33,8 @@ from trl.trainer.utils import create_model_from_path, disable_dropout_in_model
 
 from .collator import ACT, REASON, AgentTrajectoryCollator
 from .config import AgentDistillConfig
-from .losses import span_divergence_loss
+from .heads import FinalHiddenStates, LogitHead, final_norm, logit_head
+from .losses import DenseTeacher, chunked_span_divergence_loss, span_divergence_loss
 from .segmentation import TrajectoryFormatError
 
 logger = logging.getLogger(__name__)
@@ -141,6 +143,8 @@ class AgentDistillTrainer(GKDTrainer):
             self.teacher_model.eval()
         if args.disable_dropout:
             disable_dropout_in_model(self.model)
+        self._uses_teacher_logits = args.lambda_reason > 0 or args.lambda_act > 0
+        self._chunked = self._setup_chunked_loss()
 
         self.lmbda = args.lmbda
         self.beta = args.beta
@@ -292,18 +296,7 @@ class AgentDistillTrainer(GKDTrainer):
         args = self.args
         mode = "train" if self.model.training else "eval"
         model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "use_cache": False}
-        student_outputs = model(**model_inputs)
-        vocab = self._shared_vocab_size
-        student_logits = student_outputs.logits[:, :-1, :vocab]
-        teacher_logits = student_logits
-        if args.lambda_reason > 0 or args.lambda_act > 0:
-            with torch.no_grad():
-                teacher_logits = self.teacher_model(**model_inputs).logits[:, :-1, :vocab]
-        output = span_divergence_loss(
-            student_logits,
-            teacher_logits,
-            inputs["reason_mask"][:, 1:],
-            inputs["act_mask"][:, 1:],
+        loss_kwargs = dict(
             lambda_reason=args.lambda_reason,
             lambda_act=args.lambda_act,
             beta=args.beta,
@@ -314,6 +307,12 @@ class AgentDistillTrainer(GKDTrainer):
             span_normalization=args.span_normalization,
             span_token_counts=self._span_token_counts if num_items_in_batch is not None else None,
         )
+        masks = inputs["reason_mask"][:, 1:], inputs["act_mask"][:, 1:]
+        # Evaluation with `compute_metrics` needs the student's logits, so it takes the logits path.
+        if self._chunked is not None and not return_outputs:
+            student_outputs, output = self._chunked_loss(model, model_inputs, masks, loss_kwargs)
+        else:
+            student_outputs, output = self._logits_loss(model, model_inputs, masks, loss_kwargs)
         loss = output.loss
         if args.average_tokens_across_devices and num_items_in_batch is not None:
             # The count is global, and DDP averages gradients over processes: undo that average, as Trainer does.
@@ -321,6 +320,58 @@ class AgentDistillTrainer(GKDTrainer):
         stats = torch.stack([getattr(output, name).float() for name in _STAT_NAMES])
         self._span_stats[mode] += self.accelerator.gather(stats.unsqueeze(0)).sum(0).double().cpu()
         return (loss, student_outputs) if return_outputs else loss
+
+    def _logits_loss(self, model, model_inputs, masks, loss_kwargs):
+        vocab = self._shared_vocab_size
+        student_outputs = model(**model_inputs)
+        student_logits = student_outputs.logits[:, :-1, :vocab]
+        teacher_logits = student_logits  # unused when only cross-entropy is weighted
+        if self._uses_teacher_logits:
+            with torch.no_grad():
+                teacher_logits = self.teacher_model(**model_inputs).logits[:, :-1, :vocab]
+        return student_outputs, span_divergence_loss(student_logits, teacher_logits, *masks, **loss_kwargs)
+
+    def _chunked_loss(self, model, model_inputs, masks, loss_kwargs):
+        """Run both models for one position of logits only, and take the loss from their final hidden states."""
+        student_states, teacher_states = self._chunked
+        student_outputs = model(**model_inputs, logits_to_keep=1)
+        student_hidden = student_states.pop()[:, :-1]
+        teacher = None
+        if self._uses_teacher_logits:
+            trained = (masks[0] | masks[1]).bool()
+            with torch.no_grad():
+                self.teacher_model(**model_inputs, logits_to_keep=1)
+                teacher = DenseTeacher(teacher_states.pop()[:, :-1][trained], self._head(self.teacher_model))
+        output = chunked_span_divergence_loss(
+            student_hidden, self._head(model), teacher, *masks, chunk_size=self.args.loss_chunk_size, **loss_kwargs
+        )
+        return student_outputs, output
+
+    def _head(self, model) -> LogitHead:
+        """The model's output head restricted to the vocabulary both models share (looked up per step: cheap)."""
+        head = logit_head(model)
+        vocab = self._shared_vocab_size
+        return dataclasses.replace(
+            head, weight=head.weight[:vocab], bias=head.bias[:vocab] if head.bias is not None else None
+        )
+
+    def _setup_chunked_loss(self) -> tuple[FinalHiddenStates, FinalHiddenStates | None] | None:
+        """Hooks for the chunked loss, or None (logits path) when asked for, or when a model's head is unknown."""
+        if self.args.loss_implementation != "chunked":
+            return None
+        models = [self.model] + ([self.teacher_model] if self._uses_teacher_logits else [])
+        unsupported = [type(m).__name__ for m in models if logit_head(m) is None or final_norm(m) is None]
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            unsupported.append("FSDP / DeepSpeed (sharded output heads)")
+        if unsupported:
+            logger.warning(
+                "The chunked loss does not know how %s compute logits; using loss_implementation='logits' (full "
+                "logits, more memory).",
+                ", ".join(unsupported),
+            )
+            return None
+        teacher_states = FinalHiddenStates(self.teacher_model) if self._uses_teacher_logits else None
+        return FinalHiddenStates(self.model), teacher_states
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add per-kind mean divergences (`loss_reason`, `loss_act`, `loss_ce`) and token counts to the logs."""
