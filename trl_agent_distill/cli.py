@@ -1,6 +1,7 @@
 """`trl-agent-distill`: the command line.
 
     trl-agent-distill train --config recipes/toy_cpu.yaml [--flag value ...]
+    trl-agent-distill cache-teacher --config recipes/toy_cpu.yaml --teacher_cache outputs/toy_cache
     trl-agent-distill init-tiny --output_dir outputs/toy
 
 `train` parses a recipe with TRL's `TrlParser` (flat keys across the script, trainer, model and dataset-mixture
@@ -159,7 +160,6 @@ def train(script_args, training_args: AgentDistillConfig, model_args, dataset_ar
         eval_dataset = splits[script_args.dataset_test_split]
     trainer = AgentDistillTrainer(
         model=model_args.model_name_or_path,
-        teacher_model=training_args.teacher_model_name_or_path,
         args=training_args,
         train_dataset=splits[script_args.dataset_train_split],
         eval_dataset=eval_dataset,
@@ -173,6 +173,59 @@ def train(script_args, training_args: AgentDistillConfig, model_args, dataset_ar
         print(f"Saved the student to {training_args.output_dir}")
     trainer.end()
     return trainer
+
+
+def cache_teacher(script_args, training_args: AgentDistillConfig, model_args, dataset_args) -> Path:
+    """Run the recipe's teacher once over its training set and write the cache to `teacher_cache`."""
+    from accelerate import PartialState
+    from transformers import AutoTokenizer
+    from trl.trainer.utils import create_model_from_path
+
+    from .collator import AgentTrajectoryCollator
+    from .teacher_cache import build_teacher_cache, run_fingerprint
+
+    args = training_args
+    if not args.teacher_cache or not args.teacher_model_name_or_path:
+        raise ValueError("cache-teacher needs `teacher_model_name_or_path` and `teacher_cache` (the output folder).")
+    state = PartialState(cpu=args.use_cpu)
+    tokenizer = AutoTokenizer.from_pretrained(args.teacher_model_name_or_path, trust_remote_code=args.trust_remote_code)
+    splits = load_trajectory_splits(script_args, dataset_args)
+    collator = AgentTrajectoryCollator(
+        tokenizer, max_length=args.max_length, style=args.segmentation_style, on_malformed=args.on_malformed
+    )
+    dataset, _ = collator.check_dataset(splits[script_args.dataset_train_split], "train")
+    kwargs = {"dtype": "auto", "trust_remote_code": args.trust_remote_code, **(args.teacher_model_init_kwargs or {})}
+    quantization = args.teacher_quantization_config()
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    teacher = create_model_from_path(args.teacher_model_name_or_path, **kwargs)
+    if quantization is None:
+        teacher = teacher.to(state.device)
+    fingerprint = run_fingerprint(
+        args.teacher_model_name_or_path,
+        tokenizer,
+        dataset,
+        topk=args.teacher_cache_topk,
+        max_length=args.max_length,
+        segmentation_style=args.segmentation_style,
+        temperature=args.loss_temperature,
+        teacher_revision=getattr(teacher.config, "_commit_hash", None),
+    )
+    path = build_teacher_cache(
+        teacher.eval(),
+        collator,
+        dataset,
+        args.teacher_cache,
+        fingerprint,
+        batch_size=args.per_device_train_batch_size,
+        process_index=state.process_index,
+        num_processes=state.num_processes,
+        show_progress=state.is_main_process,
+    )
+    state.wait_for_everyone()
+    if state.is_main_process:
+        print(f"Teacher cache for {len(dataset)} rows (top-{args.teacher_cache_topk}) written to {path}")
+    return path
 
 
 def format_span_losses(log_history: list[dict]) -> str:
@@ -202,21 +255,26 @@ def init_tiny(argv: list[str]) -> None:
     print(f"teacher: {teacher}\nstudent: {student}")
 
 
-COMMANDS = {"train": "distill a student from a recipe", "init-tiny": "write the tiny CPU demo models"}
+COMMANDS = {
+    "train": "distill a student from a recipe",
+    "cache-teacher": "run the recipe's teacher once and store its top-k log-probs (then train with teacher_cache)",
+    "init-tiny": "write the tiny CPU demo models",
+}
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        usage = "\n".join(f"  {name:<10} {help_}" for name, help_ in COMMANDS.items())
+        usage = "\n".join(f"  {name:<14} {help_}" for name, help_ in COMMANDS.items())
         print(f"usage: trl-agent-distill <command> [options]\n\ncommands:\n{usage}")
         raise SystemExit(0 if not argv or argv[0] in ("-h", "--help") else 2)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     command, rest = argv[0], argv[1:]
     if command == "train":
-        train(*parse_train_args(rest))
-    else:
-        init_tiny(rest)
+        return train(*parse_train_args(rest))
+    if command == "cache-teacher":
+        return cache_teacher(*parse_train_args(rest))
+    return init_tiny(rest)
 
 
 if __name__ == "__main__":

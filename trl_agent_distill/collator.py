@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from datasets import IterableDataset
 from transformers import PreTrainedTokenizerBase
 
 from .segmentation import Span, TrajectoryFormatError, segment_messages, segment_text
@@ -22,6 +23,8 @@ logger = logging.getLogger(__name__)
 
 UNTRAINED, REASON, ACT = 0, 1, 2
 _KIND_CODES = {"reason": REASON, "act": ACT}
+# Columns a teacher cache adds to a dataset (see `teacher_cache`); passed through to the loss.
+CACHED_TEACHER_COLUMNS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_logprob")
 ON_MALFORMED = ("raise", "skip")
 _PROBE = "PROBE7d1f0c"  # plain text: templates that `| trim` must keep it whole
 _TRUNCATION_WARNINGS = 3  # per collator: a long dataset would otherwise flood the log every epoch
@@ -35,6 +38,7 @@ class EncodedTrajectory:
     kinds: list[int]
     prompt_length: int
     truncated: bool
+    cached_teacher: dict[str, list] | None = None  # a teacher cache's columns for this row, when attached
 
 
 class AgentTrajectoryCollator:
@@ -113,6 +117,8 @@ class AgentTrajectoryCollator:
             if e.prompt_length:
                 prompts[i, prompt_width - e.prompt_length :] = ids[: e.prompt_length]
                 prompt_attention_mask[i, prompt_width - e.prompt_length :] = 1
+        if encoded[0].cached_teacher is not None:
+            batch.update(_concatenate_cached_teacher(encoded))
         batch["reason_mask"] = (kinds == REASON).long()
         batch["act_mask"] = (kinds == ACT).long()
         batch["prompts"] = prompts
@@ -122,6 +128,41 @@ class AgentTrajectoryCollator:
     def _padded_length(self, length: int) -> int:
         multiple = self.pad_to_multiple_of
         return length if not multiple else -(-length // multiple) * multiple
+
+    def check_dataset(self, dataset, split: str = "train"):
+        """Encode every row once, so a malformed trajectory fails before training, naming its row.
+
+        With `on_malformed="skip"` such rows are dropped instead; returns the dataset and how many were dropped.
+        Streaming datasets cannot be checked ahead and are returned as they are.
+        """
+        if isinstance(dataset, IterableDataset):
+            return dataset, 0
+        keep, truncated_before = [], self.num_truncated
+        for index, row in enumerate(dataset):
+            try:
+                self.encode(row, row_index=index)
+                keep.append(index)
+            except TrajectoryFormatError as error:
+                if self.on_malformed == "raise":
+                    raise TrajectoryFormatError(
+                        f"{error.reason} (in the {split} dataset; fix the row, or set on_malformed='skip' to drop "
+                        "such rows)",
+                        row_index=error.row_index,
+                        message_index=error.message_index,
+                    ) from None
+                logger.warning("Dropping %s row %d: %s", split, index, error)
+        dropped = len(dataset) - len(keep)
+        if dropped:
+            logger.warning("Dropped %d malformed rows of %d from the %s dataset.", dropped, len(dataset), split)
+            dataset = dataset.select(keep)
+        if not len(dataset):
+            raise ValueError(f"The {split} dataset has no usable trajectory left.")
+        if self.num_truncated > truncated_before:
+            logger.warning(
+                "%d %s rows are longer than max_length=%s and will be cut at the end.",
+                self.num_truncated - truncated_before, split, self.max_length,
+            )
+        return dataset, dropped
 
     # ------------------------------------------------------------------ one row
     def encode(self, row: dict[str, Any], row_index: int | None = None) -> EncodedTrajectory:
@@ -141,7 +182,10 @@ class AgentTrajectoryCollator:
                 )
         except TrajectoryFormatError as error:
             raise error.with_row(row_index) if row_index is not None else error
-        return self._tokenize(text, char_kinds, add_special_tokens, row_index)
+        encoded = self._tokenize(text, char_kinds, add_special_tokens, row_index)
+        if row.get(CACHED_TEACHER_COLUMNS[0]) is not None:
+            encoded.cached_teacher = _cached_teacher_of(row, encoded, row_index)
+        return encoded
 
     def _tokenize(
         self, text: str, char_kinds: bytearray, add_special_tokens: bool, row_index: int | None
@@ -286,6 +330,29 @@ class AgentTrajectoryCollator:
             kinds.append(_token_kind(text, char_kinds, previous_end, end) if end > previous_end else ACT)
             previous_end = end
         return kinds
+
+
+def _cached_teacher_of(row: dict[str, Any], encoded: EncodedTrajectory, row_index: int | None) -> dict[str, list]:
+    """A teacher cache's columns for one row, checked against the row's trained positions (after the shift)."""
+    cached = {name: row[name] for name in CACHED_TEACHER_COLUMNS}
+    trained = sum(1 for kind in encoded.kinds[1:] if kind)
+    if len(cached["teacher_tail_logprob"]) != trained:
+        raise TrajectoryFormatError(
+            f"the teacher cache holds {len(cached['teacher_tail_logprob'])} positions for this row but it has "
+            f"{trained} trained tokens: the cache was built with other tokenization settings; rebuild it",
+            row_index=row_index,
+        )
+    return cached
+
+
+def _concatenate_cached_teacher(encoded: list[EncodedTrajectory]) -> dict[str, torch.Tensor]:
+    """Cached teacher rows of the batch, in the row-major order of its trained positions."""
+    columns = [e.cached_teacher for e in encoded]
+    return {
+        "teacher_topk_ids": torch.tensor([i for c in columns for i in c["teacher_topk_ids"]], dtype=torch.long),
+        "teacher_topk_logprobs": torch.tensor([v for c in columns for v in c["teacher_topk_logprobs"]]),
+        "teacher_tail_logprob": torch.tensor([v for c in columns for v in c["teacher_tail_logprob"]]),
+    }
 
 
 def _clean_message(message: dict) -> dict:

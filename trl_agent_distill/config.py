@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from transformers import BitsAndBytesConfig
 from trl.experimental.gkd import GKDConfig
 
 from .collator import ON_MALFORMED
@@ -79,6 +80,16 @@ class AgentDistillConfig(GKDConfig):
         default=None,
         metadata={"help": "Positions per chunk of the chunked loss; default about 2**26 / vocab (256 MB of float32)."},
     )
+    teacher_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of an offline teacher cache (top-k log-probs per trained token). `cache-teacher` writes "
+            "it there; `train` then loads no teacher and distills from the cache."
+        },
+    )
+    teacher_cache_topk: int = field(
+        default=64, metadata={"help": "Teacher tokens kept per position when building the cache (plus one tail bucket)."}
+    )
     teacher_load_in_4bit: bool = field(
         default=False, metadata={"help": "Load a teacher given by name in 4-bit NF4 (bitsandbytes)."}
     )
@@ -121,6 +132,13 @@ class AgentDistillConfig(GKDConfig):
             raise ValueError(
                 f"loss_implementation must be one of {LOSS_IMPLEMENTATIONS}, got {self.loss_implementation!r}."
             )
+        if self.teacher_cache and (self.lmbda > 0 or self.seq_kd):
+            raise ValueError(
+                "teacher_cache holds the teacher on the dataset's trajectories only; on-policy samples (lmbda > 0, "
+                "seq_kd) need a live teacher: drop teacher_cache or set lmbda=0, seq_kd=False."
+            )
+        if self.teacher_cache_topk < 1:
+            raise ValueError(f"teacher_cache_topk must be at least 1, got {self.teacher_cache_topk}.")
         if self.teacher_load_in_4bit and self.teacher_load_in_8bit:
             raise ValueError("Choose one of teacher_load_in_4bit and teacher_load_in_8bit.")
         if self.loss_temperature <= 0:
@@ -131,6 +149,22 @@ class AgentDistillConfig(GKDConfig):
             raise ValueError("All of lambda_reason, lambda_act and lambda_ce are 0: nothing would be trained.")
 
     @property
+    def uses_divergence(self) -> bool:
+        return self.lambda_reason > 0 or self.lambda_act > 0
+
+    @property
     def needs_teacher(self) -> bool:
-        """Pure cross-entropy (the SFT baseline) needs no teacher forward."""
-        return self.lambda_reason > 0 or self.lambda_act > 0 or self.lmbda > 0 or self.seq_kd
+        """A live teacher is needed unless the loss is pure cross-entropy or reads a teacher cache."""
+        return (self.uses_divergence and not self.teacher_cache) or self.lmbda > 0 or self.seq_kd
+
+    def teacher_quantization_config(self) -> BitsAndBytesConfig | None:
+        """bitsandbytes settings for a teacher loaded by name (4-bit NF4 with nested quantization, or 8-bit)."""
+        if not (self.teacher_load_in_4bit or self.teacher_load_in_8bit):
+            return None
+        return BitsAndBytesConfig(
+            load_in_4bit=self.teacher_load_in_4bit,
+            load_in_8bit=self.teacher_load_in_8bit,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if self.bf16 else torch.float32,
+        )

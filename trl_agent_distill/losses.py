@@ -38,7 +38,7 @@ class SparseTeacher:
     def __getitem__(self, rows) -> SparseTeacher:
         return SparseTeacher(self.topk_ids[rows], self.topk_logprobs[rows], self.tail_logprob[rows])
 
-    def bucket_logprobs(self) -> torch.Tensor:
+    def logprobs(self) -> torch.Tensor:
         """(N, k + 1) log-probabilities: the top-k tokens, then the tail bucket."""
         return torch.cat([self.topk_logprobs.float(), self.tail_logprob.float().unsqueeze(-1)], dim=-1)
 
@@ -92,8 +92,8 @@ def sparse_token_divergence(
     student_logits: torch.Tensor, teacher: SparseTeacher, beta: float = 0.0, temperature: float = 1.0
 ) -> torch.Tensor:
     """Generalized JSD per row against a sparse teacher, over the k + 1 buckets: shape `(N,)`, float32."""
-    student_logp = _student_bucket_logprobs(student_logits.float() / temperature, teacher.topk_ids)
-    return _divergence(student_logp, teacher.bucket_logprobs(), beta)[0]
+    student_logp = bucket_logprobs(student_logits.float() / temperature, teacher.topk_ids)
+    return _divergence(student_logp, teacher.logprobs(), beta)[0]
 
 
 def _divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float):
@@ -113,8 +113,8 @@ def _divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: fl
     return divergence, (1.0 - beta) * student_p * (student_logp - mixture_logp)
 
 
-def _student_bucket_logprobs(scaled_logits: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-    """(N, k + 1) student log-probabilities of the teacher's top-k tokens and of everything else."""
+def bucket_logprobs(scaled_logits: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """(N, k + 1) log-probabilities of the tokens `topk_ids` and of everything else, from (N, V) logits."""
     log_norm = torch.logsumexp(scaled_logits, dim=-1, keepdim=True)
     topk = scaled_logits.gather(-1, topk_ids) - log_norm
     tail = torch.logsumexp(scaled_logits.scatter(-1, topk_ids, float("-inf")), dim=-1, keepdim=True) - log_norm
@@ -313,8 +313,8 @@ def _chunk_terms(hidden, targets, divergence_weight, ce_weight, settings: _Chunk
     if settings.teacher is not None:
         teacher = settings.teacher[rows]
         if isinstance(teacher, SparseTeacher):
-            student_logp = _student_bucket_logprobs(scaled, teacher.topk_ids)
-            divergence, weighted_grad = _divergence(student_logp, teacher.bucket_logprobs(), settings.beta)
+            student_logp = bucket_logprobs(scaled, teacher.topk_ids)
+            divergence, weighted_grad = _divergence(student_logp, teacher.logprobs(), settings.beta)
         else:
             student_logp = F.log_softmax(scaled, dim=-1)
             teacher_logp = F.log_softmax(teacher.head.logits(teacher.hidden) / settings.temperature, dim=-1)

@@ -34,8 +34,8 @@ from trl.trainer.utils import create_model_from_path, disable_dropout_in_model
 from .collator import ACT, REASON, AgentTrajectoryCollator
 from .config import AgentDistillConfig
 from .heads import FinalHiddenStates, LogitHead, final_norm, logit_head
-from .losses import DenseTeacher, chunked_span_divergence_loss, span_divergence_loss
-from .segmentation import TrajectoryFormatError
+from .losses import DenseTeacher, SparseTeacher, chunked_span_divergence_loss, span_divergence_loss
+from .teacher_cache import attach_teacher_cache, load_teacher_cache, run_fingerprint, sparse_teacher_from_batch
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,9 @@ class AgentDistillTrainer(GKDTrainer):
             raise ValueError("packing / padding_free are not supported: REASON / ACT masks are per trajectory.")
         if formatting_func is not None:
             raise ValueError("formatting_func is not supported: give rows with 'messages' or 'text' instead.")
-        teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
+        teacher_wanted = args.needs_teacher or (args.uses_divergence and eval_dataset is not None)
+        if teacher_model is None and teacher_wanted:  # a teacher cache alone needs no teacher weights
+            teacher_model = args.teacher_model_name_or_path
         if teacher_model is None and args.needs_teacher:
             raise ValueError(
                 "No teacher: pass teacher_model= or set teacher_model_name_or_path. Only the pure cross-entropy "
@@ -103,11 +105,20 @@ class AgentDistillTrainer(GKDTrainer):
             )
         self.num_malformed_skipped = 0
         if isinstance(data_collator, AgentTrajectoryCollator):
-            train_dataset = self._check_rows(train_dataset, data_collator, "train")
+            train_dataset = self._check_dataset(train_dataset, data_collator, "train")
             if isinstance(eval_dataset, dict):
-                eval_dataset = {k: self._check_rows(v, data_collator, k) for k, v in eval_dataset.items()}
+                eval_dataset = {k: self._check_dataset(v, data_collator, k) for k, v in eval_dataset.items()}
             else:
-                eval_dataset = self._check_rows(eval_dataset, data_collator, "eval")
+                eval_dataset = self._check_dataset(eval_dataset, data_collator, "eval")
+
+        self._cache_topk = None
+        if args.teacher_cache:
+            train_dataset = self._attach_teacher_cache(train_dataset, processing_class, args)
+            if eval_dataset is not None and teacher_model is None:
+                raise ValueError(
+                    "The teacher cache covers the training rows only: evaluation needs a live teacher too "
+                    "(teacher_model_name_or_path), or no eval_dataset."
+                )
 
         # The raw columns must reach the collator, which tokenizes; TRL's own preparation would drop them.
         args.remove_unused_columns = False
@@ -143,7 +154,8 @@ class AgentDistillTrainer(GKDTrainer):
             self.teacher_model.eval()
         if args.disable_dropout:
             disable_dropout_in_model(self.model)
-        self._uses_teacher_logits = args.lambda_reason > 0 or args.lambda_act > 0
+        # A live teacher forward is needed for the divergence unless every batch brings cached teacher rows.
+        self._uses_teacher_logits = args.uses_divergence and self.teacher_model is not None
         self._chunked = self._setup_chunked_loss()
 
         self.lmbda = args.lmbda
@@ -168,36 +180,27 @@ class AgentDistillTrainer(GKDTrainer):
         self._span_stats = {mode: torch.zeros(len(_STAT_NAMES), dtype=torch.float64) for mode in ("train", "eval")}
 
     # ------------------------------------------------------------------ setup
-    def _check_rows(self, dataset, collator: AgentTrajectoryCollator, split: str):
-        """Encode every row once so a malformed trajectory fails before training (or is dropped and counted)."""
-        if dataset is None or isinstance(dataset, IterableDataset):
-            return dataset
-        keep, truncated_before = [], collator.num_truncated
-        for index, row in enumerate(dataset):
-            try:
-                collator.encode(row, row_index=index)
-                keep.append(index)
-            except TrajectoryFormatError as error:
-                if collator.on_malformed == "raise":
-                    raise TrajectoryFormatError(
-                        f"{error.reason} (in the {split} dataset; fix the row, or set on_malformed='skip' to drop "
-                        "such rows)",
-                        row_index=error.row_index,
-                        message_index=error.message_index,
-                    ) from None
-                logger.warning("Dropping %s row %d: %s", split, index, error)
-        dropped = len(dataset) - len(keep)
-        if dropped:
-            self.num_malformed_skipped += dropped
-            logger.warning("Dropped %d malformed rows of %d from the %s dataset.", dropped, len(dataset), split)
-            dataset = dataset.select(keep)
-        if not len(dataset):
-            raise ValueError(f"The {split} dataset has no usable trajectory left.")
-        if collator.num_truncated > truncated_before:
-            logger.warning(
-                "%d %s rows are longer than max_length=%s and will be cut at the end.",
-                collator.num_truncated - truncated_before, split, collator.max_length,
-            )
+    def _attach_teacher_cache(self, dataset, tokenizer, args: AgentDistillConfig):
+        if not isinstance(dataset, Dataset):
+            raise ValueError("teacher_cache needs a map-style training dataset (rows are matched by position).")
+        expected = run_fingerprint(
+            args.teacher_model_name_or_path,
+            tokenizer,
+            dataset,
+            topk=args.teacher_cache_topk,
+            max_length=args.max_length,
+            segmentation_style=args.segmentation_style,
+            temperature=args.loss_temperature,
+        )
+        cached_rows, fingerprint = load_teacher_cache(args.teacher_cache, expected)
+        self._cache_topk = fingerprint.topk
+        return attach_teacher_cache(dataset, cached_rows)
+
+    def _check_dataset(self, dataset, collator: AgentTrajectoryCollator, split: str):
+        if dataset is None:
+            return None
+        dataset, dropped = collator.check_dataset(dataset, split)
+        self.num_malformed_skipped += dropped
         return dataset
 
     def _load_teacher(self, name_or_path: str) -> PreTrainedModel:
@@ -205,15 +208,9 @@ class AgentDistillTrainer(GKDTrainer):
         kwargs = dict(args.teacher_model_init_kwargs or {})
         kwargs.setdefault("dtype", "auto")
         kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-        if args.teacher_load_in_4bit or args.teacher_load_in_8bit:
-            compute_dtype = torch.bfloat16 if args.bf16 else torch.float32
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=args.teacher_load_in_4bit,
-                load_in_8bit=args.teacher_load_in_8bit,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=compute_dtype,
-            )
+        quantization = args.teacher_quantization_config()
+        if quantization is not None:
+            kwargs["quantization_config"] = quantization
             kwargs.setdefault("device_map", {"": self.accelerator.device})
         return create_model_from_path(name_or_path, **kwargs)
 
@@ -310,9 +307,9 @@ class AgentDistillTrainer(GKDTrainer):
         masks = inputs["reason_mask"][:, 1:], inputs["act_mask"][:, 1:]
         # Evaluation with `compute_metrics` needs the student's logits, so it takes the logits path.
         if self._chunked is not None and not return_outputs:
-            student_outputs, output = self._chunked_loss(model, model_inputs, masks, loss_kwargs)
+            student_outputs, output = self._chunked_loss(model, inputs, model_inputs, masks, loss_kwargs)
         else:
-            student_outputs, output = self._logits_loss(model, model_inputs, masks, loss_kwargs)
+            student_outputs, output = self._logits_loss(model, inputs, model_inputs, masks, loss_kwargs)
         loss = output.loss
         if args.average_tokens_across_devices and num_items_in_batch is not None:
             # The count is global, and DDP averages gradients over processes: undo that average, as Trainer does.
@@ -321,23 +318,25 @@ class AgentDistillTrainer(GKDTrainer):
         self._span_stats[mode] += self.accelerator.gather(stats.unsqueeze(0)).sum(0).double().cpu()
         return (loss, student_outputs) if return_outputs else loss
 
-    def _logits_loss(self, model, model_inputs, masks, loss_kwargs):
+    def _logits_loss(self, model, inputs, model_inputs, masks, loss_kwargs):
         vocab = self._shared_vocab_size
         student_outputs = model(**model_inputs)
         student_logits = student_outputs.logits[:, :-1, :vocab]
-        teacher_logits = student_logits  # unused when only cross-entropy is weighted
-        if self._uses_teacher_logits:
+        teacher = self._cached_teacher(inputs)
+        if teacher is None and self._uses_teacher_logits:
             with torch.no_grad():
-                teacher_logits = self.teacher_model(**model_inputs).logits[:, :-1, :vocab]
-        return student_outputs, span_divergence_loss(student_logits, teacher_logits, *masks, **loss_kwargs)
+                teacher = self.teacher_model(**model_inputs).logits[:, :-1, :vocab]
+        if teacher is None:
+            teacher = student_logits  # pure cross-entropy: no divergence is computed
+        return student_outputs, span_divergence_loss(student_logits, teacher, *masks, **loss_kwargs)
 
-    def _chunked_loss(self, model, model_inputs, masks, loss_kwargs):
+    def _chunked_loss(self, model, inputs, model_inputs, masks, loss_kwargs):
         """Run both models for one position of logits only, and take the loss from their final hidden states."""
         student_states, teacher_states = self._chunked
         student_outputs = model(**model_inputs, logits_to_keep=1)
         student_hidden = student_states.pop()[:, :-1]
-        teacher = None
-        if self._uses_teacher_logits:
+        teacher = self._cached_teacher(inputs)
+        if teacher is None and self._uses_teacher_logits:
             trained = (masks[0] | masks[1]).bool()
             with torch.no_grad():
                 self.teacher_model(**model_inputs, logits_to_keep=1)
@@ -346,6 +345,11 @@ class AgentDistillTrainer(GKDTrainer):
             student_hidden, self._head(model), teacher, *masks, chunk_size=self.args.loss_chunk_size, **loss_kwargs
         )
         return student_outputs, output
+
+    def _cached_teacher(self, inputs) -> SparseTeacher | None:
+        if "teacher_topk_ids" not in inputs:
+            return None
+        return sparse_teacher_from_batch(inputs)
 
     def _head(self, model) -> LogitHead:
         """The model's output head restricted to the vocabulary both models share (looked up per step: cheap)."""

@@ -1,0 +1,186 @@
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trl_agent_distill import AgentDistillConfig, AgentDistillTrainer
+from trl_agent_distill.collator import AgentTrajectoryCollator
+from trl_agent_distill.teacher_cache import (
+    TeacherCacheError,
+    build_teacher_cache,
+    load_teacher_cache,
+    run_fingerprint,
+)
+
+MAX_LENGTH = 1024
+
+
+def fingerprint_for(tokenizer, dataset, topk, **overrides):
+    settings = dict(topk=topk, max_length=MAX_LENGTH, segmentation_style="auto", temperature=1.0)
+    return run_fingerprint("tiny-teacher", tokenizer, dataset, **{**settings, **overrides})
+
+
+def build(path, teacher, tokenizer, dataset, topk=8, **kwargs):
+    collator = AgentTrajectoryCollator(tokenizer, max_length=MAX_LENGTH)
+    fingerprint = fingerprint_for(tokenizer, dataset, topk)
+    return build_teacher_cache(
+        teacher, collator, dataset, path, fingerprint, batch_size=2, shard_rows=4, show_progress=False, **kwargs
+    )
+
+
+@pytest.fixture
+def teacher(make_model):
+    return make_model("teacher")
+
+
+def test_cache_holds_the_teachers_top_k_at_trained_positions(tmp_path, teacher, tiny_tokenizer, toy_dataset):
+    dataset = toy_dataset.select(range(6))
+    build(tmp_path, teacher, tiny_tokenizer, dataset)
+    rows, fingerprint = load_teacher_cache(tmp_path, fingerprint_for(tiny_tokenizer, dataset, topk=8))
+    assert len(rows) == 6 and fingerprint.topk == 8
+    batch = AgentTrajectoryCollator(tiny_tokenizer, max_length=MAX_LENGTH)([dataset[3]])
+    trained = (batch["reason_mask"][0, 1:] | batch["act_mask"][0, 1:]).bool()
+    with torch.no_grad():
+        logp = F.log_softmax(teacher(input_ids=batch["input_ids"]).logits[0, :-1][trained], dim=-1)
+    values, ids = logp.topk(8, dim=-1)
+    cached = rows[3]
+    assert len(cached["teacher_tail_logprob"]) == int(trained.sum())
+    assert torch.equal(torch.tensor(cached["teacher_topk_ids"]).view(-1, 8), ids)
+    torch.testing.assert_close(torch.tensor(cached["teacher_topk_logprobs"]).view(-1, 8), values, atol=1e-2, rtol=1e-3)
+    tail = torch.log1p(-values.exp().sum(-1))
+    torch.testing.assert_close(torch.tensor(cached["teacher_tail_logprob"]), tail, atol=1e-4, rtol=1e-4)
+
+
+def test_cache_costs_at_most_400_bytes_per_trained_token_at_k64(tmp_path, teacher, tiny_tokenizer, toy_dataset):
+    build(tmp_path, teacher, tiny_tokenizer, toy_dataset, topk=64)
+    rows, _ = load_teacher_cache(tmp_path, fingerprint_for(tiny_tokenizer, toy_dataset, topk=64))
+    tokens = sum(len(tail) for tail in rows["teacher_tail_logprob"])
+    size = sum(path.stat().st_size for path in Path(tmp_path).rglob("*.arrow"))
+    assert tokens > 1000 and size / tokens <= 400, size / tokens
+
+
+def test_a_resumed_build_recomputes_only_missing_shards(tmp_path, teacher, tiny_tokenizer, toy_dataset):
+    build(tmp_path, teacher, tiny_tokenizer, toy_dataset)
+    (tmp_path / "shard-00002.sha256").unlink()  # interrupted before this shard was sealed
+    calls = []
+    teacher.register_forward_hook(lambda *args: calls.append(1))
+    build(tmp_path, teacher, tiny_tokenizer, toy_dataset)
+    assert len(calls) == 2  # shard 2 has 4 rows: two batches of two
+    load_teacher_cache(tmp_path, fingerprint_for(tiny_tokenizer, toy_dataset, topk=8))
+
+
+def test_a_truncated_shard_is_refused_then_rebuilt(tmp_path, teacher, tiny_tokenizer, toy_dataset):
+    build(tmp_path, teacher, tiny_tokenizer, toy_dataset)
+    arrow = next((tmp_path / "shard-00001").glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[:100])
+    expected = fingerprint_for(tiny_tokenizer, toy_dataset, topk=8)
+    with pytest.raises(TeacherCacheError, match="Shard 1 .* damaged"):
+        load_teacher_cache(tmp_path, expected)
+    build(tmp_path, teacher, tiny_tokenizer, toy_dataset)
+    rows, _ = load_teacher_cache(tmp_path, expected)
+    assert len(rows) == len(toy_dataset)
+
+
+def test_shards_split_across_processes(tmp_path, teacher, tiny_tokenizer, toy_dataset):
+    build(tmp_path, teacher, tiny_tokenizer, toy_dataset, process_index=0, num_processes=2)
+    assert sorted(p.name for p in tmp_path.glob("*.sha256")) == ["shard-00000.sha256", "shard-00002.sha256"]
+    build(tmp_path, teacher, tiny_tokenizer, toy_dataset, process_index=1, num_processes=2)
+    rows, _ = load_teacher_cache(tmp_path, fingerprint_for(tiny_tokenizer, toy_dataset, topk=8))
+    assert len(rows) == len(toy_dataset)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (dict(max_length=512), "max_length"),
+        (dict(segmentation_style="codeact"), "segmentation_style"),
+        (dict(temperature=2.0), "temperature"),
+    ],
+)
+def test_a_cache_for_another_run_is_refused_naming_the_field(tmp_path, teacher, tiny_tokenizer, toy_dataset, change, field):
+    build(tmp_path, teacher, tiny_tokenizer, toy_dataset)
+    with pytest.raises(TeacherCacheError, match=rf"{field}: cache has"):
+        load_teacher_cache(tmp_path, fingerprint_for(tiny_tokenizer, toy_dataset, topk=8, **change))
+
+
+def test_other_data_tokenizer_or_teacher_are_refused(tmp_path, teacher, tiny_tokenizer, toy_dataset):
+    from trl_agent_distill.tiny import toy_texts, train_tokenizer
+
+    build(tmp_path, teacher, tiny_tokenizer, toy_dataset)
+    with pytest.raises(TeacherCacheError, match="dataset: cache has"):
+        load_teacher_cache(tmp_path, fingerprint_for(tiny_tokenizer, toy_dataset.select(range(1, 14)), topk=8))
+    with pytest.raises(TeacherCacheError, match="tokenizer: cache has"):
+        load_teacher_cache(tmp_path, fingerprint_for(train_tokenizer(toy_texts(), vocab_size=300), toy_dataset, topk=8))
+    other_teacher = run_fingerprint(
+        "another-teacher", tiny_tokenizer, toy_dataset, topk=8, max_length=MAX_LENGTH, segmentation_style="auto",
+        temperature=1.0,
+    )
+    with pytest.raises(TeacherCacheError, match="teacher: cache has 'tiny-teacher'"):
+        load_teacher_cache(tmp_path, other_teacher)
+    with pytest.raises(TeacherCacheError, match="for another run"):
+        build_teacher_cache(
+            teacher, AgentTrajectoryCollator(tiny_tokenizer), toy_dataset, tmp_path, other_teacher, show_progress=False
+        )
+
+
+def test_nan_in_the_teacher_stops_the_build_naming_the_row(tmp_path, teacher, tiny_tokenizer, toy_dataset):
+    with torch.no_grad():
+        teacher.lm_head.weight[:, 0] = float("nan")
+    with pytest.raises(TeacherCacheError, match="dataset row 0"):
+        build(tmp_path, teacher, tiny_tokenizer, toy_dataset)
+
+
+def train_args(tmp_path, **overrides):
+    defaults = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=2, learning_rate=1e-2,
+        logging_steps=1, report_to="none", use_cpu=True, save_strategy="no", max_length=MAX_LENGTH,
+        disable_tqdm=True, teacher_model_name_or_path="tiny-teacher",
+    )
+    return AgentDistillConfig(**{**defaults, **overrides})
+
+
+@pytest.mark.parametrize("implementation", ["chunked", "logits"])
+def test_training_from_a_full_vocabulary_cache_matches_the_live_teacher(
+    tmp_path, make_model, teacher, tiny_tokenizer, toy_dataset, implementation
+):
+    dataset = toy_dataset.select(range(4))
+    topk = len(tiny_tokenizer) - 1  # everything but one token: the sparse teacher is the dense one
+    build(tmp_path / "cache", teacher, tiny_tokenizer, dataset, topk=topk)
+    cached = AgentDistillTrainer(
+        model=make_model("student"),
+        args=train_args(tmp_path, teacher_cache=str(tmp_path / "cache"), loss_implementation=implementation),
+        train_dataset=dataset,
+        processing_class=tiny_tokenizer,
+    )
+    assert cached.teacher_model is None
+    live = AgentDistillTrainer(
+        model=make_model("student"), teacher_model=teacher, args=train_args(tmp_path, loss_implementation=implementation),
+        train_dataset=dataset, processing_class=tiny_tokenizer,
+    )
+    rows = [cached.train_dataset[0], cached.train_dataset[1]]
+    with torch.no_grad():
+        cached_loss = cached.compute_loss(cached.model, cached.data_collator(rows))
+        live_loss = live.compute_loss(live.model, live.data_collator([dataset[0], dataset[1]]))
+    torch.testing.assert_close(cached_loss, live_loss, rtol=2e-3, atol=1e-4)
+    cached.train()
+    assert cached.state.log_history[0]["loss_act"] > 0
+
+
+def test_cache_and_cli_round_trip(tmp_path):
+    from trl_agent_distill.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    toy = tmp_path / "toy"
+    main(["init-tiny", "--output_dir", str(toy), "--teacher_sft_steps", "0"])
+    common = [
+        "--config", str(root / "recipes/toy_cpu.yaml"),
+        "--model_name_or_path", str(toy / "student"), "--teacher_model_name_or_path", str(toy / "teacher"),
+        "--dataset_name", str(root / "trl_agent_distill/resources/toy_trajectories.jsonl"),
+        "--teacher_cache", str(tmp_path / "cache"), "--teacher_cache_topk", "16",
+    ]
+    main(["cache-teacher", *common])
+    assert (tmp_path / "cache" / "fingerprint.json").is_file()
+    trainer = main(["train", *common, "--output_dir", str(tmp_path / "out"), "--max_steps", "2"])
+    assert trainer.teacher_model is None and trainer._cache_topk == 16
+    assert (tmp_path / "out" / "model.safetensors").is_file()
