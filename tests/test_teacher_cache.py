@@ -168,7 +168,7 @@ def test_training_from_a_full_vocabulary_cache_matches_the_live_teacher(
 
 
 def test_cache_and_cli_round_trip(tmp_path):
-    from trl_agent_distill.cli import main
+    from trl_agent_distill.cli import main, run
 
     root = Path(__file__).resolve().parents[1]
     toy = tmp_path / "toy"
@@ -181,6 +181,6 @@ def test_cache_and_cli_round_trip(tmp_path):
     ]
     main(["cache-teacher", *common])
     assert (tmp_path / "cache" / "fingerprint.json").is_file()
-    trainer = main(["train", *common, "--output_dir", str(tmp_path / "out"), "--max_steps", "2"])
+    trainer = run(["train", *common, "--output_dir", str(tmp_path / "out"), "--max_steps", "2"])
     assert trainer.teacher_model is None and trainer._cache_topk == 16
     assert (tmp_path / "out" / "model.safetensors").is_file()

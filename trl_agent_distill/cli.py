@@ -168,9 +168,14 @@ def train(script_args, training_args: AgentDistillConfig, model_args, dataset_ar
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
+    trainer.save_state()  # trainer_state.json: the log history, for plots and comparisons
     if trainer.accelerator.is_main_process:
         print(format_span_losses(trainer.state.log_history))
         print(f"Saved the student to {training_args.output_dir}")
+    # Release the DDP wrapper while its process group is alive: a gloo reducer freed after the group is
+    # destroyed blocks the process from exiting.
+    trainer.model_wrapped = trainer.model
+    trainer.accelerator.free_memory()
     trainer.end()
     return trainer
 
@@ -218,6 +223,7 @@ def cache_teacher(script_args, training_args: AgentDistillConfig, model_args, da
         args.teacher_cache,
         fingerprint,
         batch_size=args.per_device_train_batch_size,
+        shard_rows=args.teacher_cache_shard_rows,
         process_index=state.process_index,
         num_processes=state.num_processes,
         show_progress=state.is_main_process,
@@ -262,7 +268,13 @@ COMMANDS = {
 }
 
 
-def main(argv: list[str] | None = None):
+def main(argv: list[str] | None = None) -> None:
+    """The console script: returns None so the exit status is 0 on success."""
+    run(argv)
+
+
+def run(argv: list[str] | None = None):
+    """Run one command and return what it produced (the trainer, the cache folder, the model folders)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         usage = "\n".join(f"  {name:<14} {help_}" for name, help_ in COMMANDS.items())

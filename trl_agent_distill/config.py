@@ -90,6 +90,10 @@ class AgentDistillConfig(GKDConfig):
     teacher_cache_topk: int = field(
         default=64, metadata={"help": "Teacher tokens kept per position when building the cache (plus one tail bucket)."}
     )
+    teacher_cache_shard_rows: int = field(
+        default=256,
+        metadata={"help": "Dataset rows per cache shard: the unit of resuming and of splitting work across processes."},
+    )
     teacher_load_in_4bit: bool = field(
         default=False, metadata={"help": "Load a teacher given by name in 4-bit NF4 (bitsandbytes)."}
     )
