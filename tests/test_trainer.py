@@ -139,14 +139,20 @@ def test_generation_config_follows_the_args(tmp_path, make_model, tiny_tokenizer
     assert (args.lmbda, args.beta, args.bf16) == (0.0, 0.0, False)  # offline forward KL on CPU by default
 
 
-def test_on_policy_batches_get_fresh_masks(tmp_path, make_model, tiny_tokenizer, toy_dataset):
-    args = make_args(tmp_path, lmbda=1.0, max_new_tokens=12, max_steps=2)
+@pytest.mark.parametrize("sampling", [dict(lmbda=1.0), dict(seq_kd=True)], ids=["on_policy", "seq_kd"])
+def test_generated_batches_get_fresh_masks(tmp_path, make_model, tiny_tokenizer, toy_dataset, sampling):
+    args = make_args(tmp_path, max_new_tokens=12, max_steps=2, **sampling)
     trainer = AgentDistillTrainer(
         model=make_model("student"), teacher_model=make_model("teacher"), args=args, train_dataset=toy_dataset,
         processing_class=tiny_tokenizer,
     )
+    generated = []
+    original = trainer.generate_on_policy_outputs
+    trainer.generate_on_policy_outputs = lambda *a: generated.append(1) or original(*a)
     trainer.train()
-    assert len(logged(trainer, "loss")) == 2
+    assert len(logged(trainer, "loss")) == 2 and len(generated) == 2
+    # Generated completions stop at the student's end-of-turn or max_new_tokens: at most 12 trained tokens per row.
+    assert all(0 < count <= 2 * 12 for count in logged(trainer, "tokens_act"))
 
     prompt = tiny_tokenizer("<|im_start|>user\nHow many?<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
     completion_text = 'Thought: count them.\nCode:\n```py\nfinal_answer(3)\n```<end_code><|im_end|>'
