@@ -1,4 +1,5 @@
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,9 +17,12 @@ from trl_agent_distill.teacher_cache import (
 MAX_LENGTH = 1024
 
 
-def fingerprint_for(tokenizer, dataset, topk, **overrides):
-    settings = dict(topk=topk, max_length=MAX_LENGTH, segmentation_style="auto", temperature=1.0)
-    return run_fingerprint("tiny-teacher", tokenizer, dataset, **{**settings, **overrides})
+def fingerprint_for(tokenizer, dataset, topk, teacher="tiny-teacher", **overrides):
+    settings = dict(
+        teacher_model_name_or_path=teacher, teacher_cache_topk=topk, max_length=MAX_LENGTH,
+        segmentation_style="auto", loss_temperature=1.0,
+    )
+    return run_fingerprint(SimpleNamespace(**{**settings, **overrides}), tokenizer, dataset)
 
 
 def build(path, teacher, tokenizer, dataset, topk=8, **kwargs):
@@ -95,7 +99,7 @@ def test_shards_split_across_processes(tmp_path, teacher, tiny_tokenizer, toy_da
     [
         (dict(max_length=512), "max_length"),
         (dict(segmentation_style="codeact"), "segmentation_style"),
-        (dict(temperature=2.0), "temperature"),
+        (dict(loss_temperature=2.0), "temperature"),
     ],
 )
 def test_a_cache_for_another_run_is_refused_naming_the_field(tmp_path, teacher, tiny_tokenizer, toy_dataset, change, field):
@@ -112,10 +116,7 @@ def test_other_data_tokenizer_or_teacher_are_refused(tmp_path, teacher, tiny_tok
         load_teacher_cache(tmp_path, fingerprint_for(tiny_tokenizer, toy_dataset.select(range(1, 14)), topk=8))
     with pytest.raises(TeacherCacheError, match="tokenizer: cache has"):
         load_teacher_cache(tmp_path, fingerprint_for(train_tokenizer(toy_texts(), vocab_size=300), toy_dataset, topk=8))
-    other_teacher = run_fingerprint(
-        "another-teacher", tiny_tokenizer, toy_dataset, topk=8, max_length=MAX_LENGTH, segmentation_style="auto",
-        temperature=1.0,
-    )
+    other_teacher = fingerprint_for(tiny_tokenizer, toy_dataset, topk=8, teacher="another-teacher")
     with pytest.raises(TeacherCacheError, match="teacher: cache has 'tiny-teacher'"):
         load_teacher_cache(tmp_path, other_teacher)
     with pytest.raises(TeacherCacheError, match="for another run"):

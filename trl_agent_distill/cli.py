@@ -199,23 +199,10 @@ def cache_teacher(script_args, training_args: AgentDistillConfig, model_args, da
         tokenizer, max_length=args.max_length, style=args.segmentation_style, on_malformed=args.on_malformed
     )
     dataset, _ = collator.check_dataset(splits[script_args.dataset_train_split], "train")
-    kwargs = {"dtype": "auto", "trust_remote_code": args.trust_remote_code, **(args.teacher_model_init_kwargs or {})}
-    quantization = args.teacher_quantization_config()
-    if quantization is not None:
-        kwargs["quantization_config"] = quantization
-    teacher = create_model_from_path(args.teacher_model_name_or_path, **kwargs)
-    if quantization is None:
+    teacher = create_model_from_path(args.teacher_model_name_or_path, **args.teacher_init_kwargs(state.device))
+    if args.teacher_quantization_config() is None:
         teacher = teacher.to(state.device)
-    fingerprint = run_fingerprint(
-        args.teacher_model_name_or_path,
-        tokenizer,
-        dataset,
-        topk=args.teacher_cache_topk,
-        max_length=args.max_length,
-        segmentation_style=args.segmentation_style,
-        temperature=args.loss_temperature,
-        teacher_revision=getattr(teacher.config, "_commit_hash", None),
-    )
+    fingerprint = run_fingerprint(args, tokenizer, dataset, teacher_revision=getattr(teacher.config, "_commit_hash", None))
     path = build_teacher_cache(
         teacher.eval(),
         collator,

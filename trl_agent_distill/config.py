@@ -161,6 +161,15 @@ class AgentDistillConfig(GKDConfig):
         """A live teacher is needed unless the loss is pure cross-entropy or reads a teacher cache."""
         return (self.uses_divergence and not self.teacher_cache) or self.lmbda > 0 or self.seq_kd
 
+    def teacher_init_kwargs(self, device) -> dict:
+        """`from_pretrained` arguments for a teacher given by name: its dtype, quantization and placement."""
+        kwargs = {"dtype": "auto", "trust_remote_code": self.trust_remote_code, **(self.teacher_model_init_kwargs or {})}
+        quantization = self.teacher_quantization_config()
+        if quantization is not None:
+            kwargs["quantization_config"] = quantization
+            kwargs.setdefault("device_map", {"": device})  # bitsandbytes weights are placed when loaded
+        return kwargs
+
     def teacher_quantization_config(self) -> BitsAndBytesConfig | None:
         """bitsandbytes settings for a teacher loaded by name (4-bit NF4 with nested quantization, or 8-bit)."""
         if not (self.teacher_load_in_4bit or self.teacher_load_in_8bit):

@@ -87,25 +87,17 @@ def dataset_fingerprint(dataset: datasets.Dataset) -> str:
     return digest.hexdigest()[:16]
 
 
-def run_fingerprint(
-    teacher: str | None,
-    tokenizer,
-    dataset: datasets.Dataset,
-    *,
-    topk: int,
-    max_length: int | None,
-    segmentation_style: str,
-    temperature: float,
-    teacher_revision: str | None = None,
-) -> CacheFingerprint:
+def run_fingerprint(args, tokenizer, dataset: datasets.Dataset, teacher_revision: str | None = None) -> CacheFingerprint:
+    """The fingerprint a run with `AgentDistillConfig` `args` expects (or builds) for `dataset`."""
+    teacher = args.teacher_model_name_or_path
     return CacheFingerprint(
         teacher=str(teacher) if teacher is not None else None,
         teacher_revision=teacher_revision,
         tokenizer=tokenizer_fingerprint(tokenizer),
-        topk=topk,
-        max_length=max_length,
-        segmentation_style=segmentation_style,
-        temperature=float(temperature),
+        topk=args.teacher_cache_topk,
+        max_length=args.max_length,
+        segmentation_style=args.segmentation_style,
+        temperature=float(args.loss_temperature),
         dataset=dataset_fingerprint(dataset),
         num_rows=len(dataset),
     )

@@ -183,15 +183,7 @@ class AgentDistillTrainer(GKDTrainer):
     def _attach_teacher_cache(self, dataset, tokenizer, args: AgentDistillConfig):
         if not isinstance(dataset, Dataset):
             raise ValueError("teacher_cache needs a map-style training dataset (rows are matched by position).")
-        expected = run_fingerprint(
-            args.teacher_model_name_or_path,
-            tokenizer,
-            dataset,
-            topk=args.teacher_cache_topk,
-            max_length=args.max_length,
-            segmentation_style=args.segmentation_style,
-            temperature=args.loss_temperature,
-        )
+        expected = run_fingerprint(args, tokenizer, dataset)
         cached_rows, fingerprint = load_teacher_cache(args.teacher_cache, expected)
         self._cache_topk = fingerprint.topk
         return attach_teacher_cache(dataset, cached_rows)
@@ -204,15 +196,7 @@ class AgentDistillTrainer(GKDTrainer):
         return dataset
 
     def _load_teacher(self, name_or_path: str) -> PreTrainedModel:
-        args = self.args
-        kwargs = dict(args.teacher_model_init_kwargs or {})
-        kwargs.setdefault("dtype", "auto")
-        kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-        quantization = args.teacher_quantization_config()
-        if quantization is not None:
-            kwargs["quantization_config"] = quantization
-            kwargs.setdefault("device_map", {"": self.accelerator.device})
-        return create_model_from_path(name_or_path, **kwargs)
+        return create_model_from_path(name_or_path, **self.args.teacher_init_kwargs(self.accelerator.device))
 
     def _check_vocabularies(self, teacher_model: nn.Module) -> int:
         """The number of logit columns both models share; fails when the tokenizer does not fit in both."""
