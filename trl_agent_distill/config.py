@@ -78,7 +78,7 @@ class AgentDistillConfig(GKDConfig):
     )
     loss_chunk_size: int | None = field(
         default=None,
-        metadata={"help": "Positions per chunk of the chunked loss; default about 2**26 / vocab (256 MB of float32)."},
+        metadata={"help": "Positions per chunk of the chunked loss; default about 2**25 / vocab (128 MB of float32)."},
     )
     teacher_cache: str | None = field(
         default=None,

@@ -100,12 +100,19 @@ def _divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: fl
     """Divergence per row over the last dim, and `q * dD/dq` (q the student's probabilities) for the backward."""
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}.")
-    student_p, teacher_p = student_logp.exp(), teacher_logp.exp()
+    # Row-wise dot products (vecdot) keep a chunk to a few (rows, vocab) temporaries; without autograd (the
+    # chunked path) the gradient terms reuse them in place too.
+    in_place = not torch.is_grad_enabled()
     if beta == 0.0:
-        return (teacher_p * (teacher_logp - student_logp)).sum(-1), -teacher_p
+        teacher_p = teacher_logp.exp()
+        divergence = torch.linalg.vecdot(teacher_p, teacher_logp - student_logp)
+        return divergence, teacher_p.neg_() if in_place else -teacher_p
+    student_p = student_logp.exp()
     if beta == 1.0:
         log_ratio = student_logp - teacher_logp
-        return (student_p * log_ratio).sum(-1), student_p * (log_ratio + 1.0)
+        divergence = torch.linalg.vecdot(student_p, log_ratio)
+        return divergence, log_ratio.add_(1.0).mul_(student_p) if in_place else student_p * (log_ratio + 1.0)
+    teacher_p = teacher_logp.exp()
     mixture_logp = torch.logaddexp(student_logp + math.log1p(-beta), teacher_logp + math.log(beta))
     divergence = beta * (teacher_p * (teacher_logp - mixture_logp)).sum(-1) + (1.0 - beta) * (
         student_p * (student_logp - mixture_logp)
@@ -256,7 +263,7 @@ def chunked_span_divergence_loss(
     """`span_divergence_loss` from final hidden states `(B, T, H)` (aligned like the logits would be).
 
     Only the trained positions are projected through the head(s), `chunk_size` rows at a time (default: about
-    2**26 / vocab rows, so a chunk of float32 logits stays near 256 MB). A dense teacher is given by its hidden
+    2**25 / vocab rows, so a chunk of float32 logits stays near 128 MB). A dense teacher is given by its hidden
     states at the trained positions (`DenseTeacher`, rows in the order boolean indexing gives); a sparse one by
     cached rows (`SparseTeacher`); `None` only for pure cross-entropy.
     """
@@ -283,7 +290,7 @@ def chunked_span_divergence_loss(
         teacher=teacher if uses_teacher else None,
         beta=beta,
         temperature=temperature,
-        chunk_size=chunk_size or max(1, 2**26 // vocab),
+        chunk_size=chunk_size or max(1, 2**25 // vocab),
         with_ce=lambda_ce > 0,
     )
     bias = student_head.bias if student_head.bias is not None else student_head.weight.new_empty(0)
@@ -307,7 +314,7 @@ def _chunk_terms(hidden, targets, divergence_weight, ce_weight, settings: _Chunk
     """Divergence and cross-entropy of one chunk of rows, and (if asked) d(weighted loss)/d(raw head output)."""
     head = settings.head
     logits = head.logits(hidden[rows])
-    scaled = logits / settings.temperature
+    scaled = logits / settings.temperature if settings.temperature != 1.0 else logits
     grad_logits = None
     divergence = logits.new_zeros(logits.shape[0])
     if settings.teacher is not None:
@@ -315,13 +322,17 @@ def _chunk_terms(hidden, targets, divergence_weight, ce_weight, settings: _Chunk
         if isinstance(teacher, SparseTeacher):
             student_logp = bucket_logprobs(scaled, teacher.topk_ids)
             divergence, weighted_grad = _divergence(student_logp, teacher.logprobs(), settings.beta)
+            grad_scaled = _sparse_grad_to_tokens(scaled, weighted_grad, teacher.topk_ids) if want_grad else None
         else:
             student_logp = F.log_softmax(scaled, dim=-1)
-            teacher_logp = F.log_softmax(teacher.head.logits(teacher.hidden) / settings.temperature, dim=-1)
+            teacher_logp = F.log_softmax(teacher.head.logits(teacher.hidden).div_(settings.temperature), dim=-1)
             divergence, weighted_grad = _divergence(student_logp, teacher_logp, settings.beta)
+            del teacher_logp
+            if want_grad:  # dD/dz = Gq - p * sum(Gq), with p = exp(log p) computed in place
+                total = weighted_grad.sum(-1, keepdim=True)
+                grad_scaled = student_logp.exp_().mul_(total.neg_()).add_(weighted_grad)
         if want_grad:
-            grad_scaled = _bucket_grad_to_tokens(scaled, weighted_grad, teacher)
-            grad_logits = grad_scaled * (divergence_weight[rows] / settings.temperature).unsqueeze(-1)
+            grad_logits = grad_scaled.mul_((divergence_weight[rows] / settings.temperature).unsqueeze(-1))
     cross_entropy = logits.new_zeros(logits.shape[0])
     if settings.with_ce:
         logp = F.log_softmax(logits, dim=-1)
@@ -336,13 +347,10 @@ def _chunk_terms(hidden, targets, divergence_weight, ce_weight, settings: _Chunk
     return divergence, cross_entropy, grad_logits
 
 
-def _bucket_grad_to_tokens(scaled_logits, weighted_grad, teacher) -> torch.Tensor:
+def _sparse_grad_to_tokens(scaled_logits, weighted_grad, ids) -> torch.Tensor:
     """dD/d(scaled logits) from `q * dD/dq` per bucket: `r * Gq[bucket] - p * sum(Gq)`, r = p / q[bucket]."""
     student_p = F.softmax(scaled_logits, dim=-1)
     total = weighted_grad.sum(-1, keepdim=True)
-    if not isinstance(teacher, SparseTeacher):
-        return weighted_grad - student_p * total
-    ids = teacher.topk_ids
     tail_logits = scaled_logits.scatter(-1, ids, float("-inf"))
     share_of_tail = torch.exp(tail_logits - torch.logsumexp(tail_logits, dim=-1, keepdim=True))
     grad = share_of_tail * weighted_grad[:, -1:] - student_p * total
