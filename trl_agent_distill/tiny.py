@@ -22,6 +22,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     GenerationConfig,
+    PrinterCallback,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
@@ -242,6 +243,7 @@ def sft_teacher(
             per_device_train_batch_size=4,
             learning_rate=3e-3,
             logging_steps=1,
+            activation_checkpointing=False,  # a few-million-parameter model: recomputing costs time, saves nothing
             save_strategy="no",
             report_to="none",
             use_cpu=True,
@@ -249,6 +251,7 @@ def sft_teacher(
             seed=seed,
         )
         trainer = AgentDistillTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        trainer.remove_callback(PrinterCallback)  # the per-step losses go to the record, not to the console
         trainer.train()
     model.eval()
     return [entry["loss_ce"] for entry in trainer.state.log_history if "loss_ce" in entry]
