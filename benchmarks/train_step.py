@@ -169,7 +169,11 @@ def main(argv=None) -> dict:
     import trl
 
     results = {}
-    base = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--output")]
+    given = list(argv if argv is not None else sys.argv[1:])
+    if "--output" in given:  # the parent writes the report; the variants only print theirs
+        at = given.index("--output")
+        del given[at : at + 2]
+    base = given
     for variant in args.variants:
         command = [sys.executable, __file__, *base, "--run-variant", variant]
         done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1"})

@@ -1,0 +1,787 @@
+"""A Python executor for untrusted CodeAct steps, in the format of smolagents' observations.
+
+``PythonSandbox`` runs the code a model writes (one ``run`` per agent step) in a separate worker
+interpreter that keeps its variables between steps, and returns an :class:`Observation` whose text is
+what smolagents shows the model::
+
+    Execution logs:
+    {printed output}
+    Last output from code snippet:
+    {value of the last expression, or of final_answer(x)}
+
+or ``Error:\\n{ExceptionType}: {message}`` (after the execution logs if something was printed).
+
+    with PythonSandbox(tools={"web_search": retriever.search}, timeout=10) as sandbox:
+        obs = sandbox.run("r = web_search(query='Velmora founding year')\\nprint(r)")
+        candidates = [sandbox.fork() for _ in range(8)]   # independent copies for self-consistency
+
+What it guarantees
+------------------
+The sandbox is *defence in depth around a separate process*, not a virtual machine. In this order:
+
+1. **Language layer** (always on). The snippet's AST is checked before it runs: no dunder names
+   (``__import__``, ``__builtins__``), no private or dunder attributes (``().__class__.__base__``,
+   ``f.__globals__``), no frame/generator/traceback internals (``gi_frame``, ``tb_frame``, ``f_globals``).
+   Builtins are reduced: ``__import__`` only imports the allow-list (``allowed_imports`` and their
+   submodules) and hands out read-only module views that hide private names, non-allowed modules and
+   dangerous functions (``numpy.ctypeslib``, ``numpy.lib.stride_tricks.as_strided``, ``sympy.preview`` ...);
+   ``getattr``/``setattr``/``vars``/``dir`` refuse names starting with ``_``; ``open`` only opens files
+   inside the working directory; ``exec``/``eval`` check their string like the snippet; ``compile``,
+   ``breakpoint``, ``input`` are refused. sympy's string evaluation (``sympify``, ``lambdify``) is
+   re-routed through the same checks.
+2. **Audit hook** (always on, PEP 578, cannot be removed): what allowed *libraries* do on the code's
+   behalf is checked too: file writes outside the working directory and reads outside it and Python's
+   own files (``numpy.save('/tmp/x')``, ``numpy.loadtxt('/etc/passwd')``), processes, sockets, ctypes,
+   unpickling of classes, frame access, threads.
+3. **Operating system** (per kernel support; see ``protections``): a fresh process per sandbox with a
+   minimal environment, its own session, stdin/stdout/stderr on /dev/null and a fresh temporary working
+   directory; RLIMIT_AS (``memory_limit_mb``), a per-run RLIMIT_CPU budget (``cpu_time_limit``),
+   RLIMIT_FSIZE (32 MiB per file), no core dumps; on x86-64 Linux a seccomp filter (no ``execve``,
+   no sockets, no ptrace, no signals to other processes, no namespaces/mounts); with Landlock
+   (Linux >= 5.13) the file system is read-only outside the sandbox's directory and unreadable outside
+   Python's installation and system libraries, and TCP is refused.
+4. **Wall clock**: every ``run`` ends within ``timeout`` seconds (plus process start-up): on expiry the
+   worker and anything it started are killed and a fresh interpreter serves the next run.
+
+The parent process is never harmed by what the code does: messages from the worker are length-capped
+and decoded as plain data only (no pickled classes), worker death is an error observation, and ``run``
+only raises :class:`SandboxError` for misuse (e.g. running after ``close``).
+
+What it does not guarantee
+--------------------------
+* It is not a VM or container: a kernel bug, or a memory-safety bug in CPython, numpy or sympy that
+  sandboxed code can trigger, can escape the language layer; the OS layer then still applies, but it
+  depends on the kernel (no seccomp off x86-64, no Landlock before Linux 5.13 or where disabled).
+* As root, ``RLIMIT_NPROC`` does not apply: process creation is stopped by the language layer and the
+  audit hook (seccomp cannot tell the worker's own ``fork()`` of a sandbox copy from another one).
+  Stray processes of a sandbox are killed when the last sandbox of its lineage closes.
+* Without Landlock, code that escapes the language layer can read what the worker's user can read.
+* CPU and memory are limited per worker process; disk use per file (not in total).
+* A sandbox and its copies made by :meth:`PythonSandbox.fork` have sibling working directories under
+  one temporary directory; the language layer and the audit hook keep each copy to its own, the
+  Landlock rule covers the common parent.
+* Open file objects held in variables at the time of a fork are shared with the copy (same file
+  offset and file); reopen files after forking.
+"""
+
+from __future__ import annotations
+
+import array
+import atexit
+import inspect
+import itertools
+import keyword
+import math
+import os
+import select
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from . import _sandbox_protocol as protocol
+
+__all__ = ["DEFAULT_ALLOWED_IMPORTS", "Observation", "PythonSandbox", "SandboxError"]
+
+DEFAULT_ALLOWED_IMPORTS = ("math", "re", "json", "collections", "itertools", "functools", "statistics", "datetime",
+                           "fractions", "decimal", "random", "numpy", "sympy")
+
+_WORKER_SCRIPT = Path(__file__).with_name("_sandbox_worker.py")
+_MAX_FILE_BYTES = 32 * 1024 * 1024  # RLIMIT_FSIZE: largest file the code may write
+_MAX_OPEN_FILES = 256
+_MAX_PROCESSES = 256  # RLIMIT_NPROC, only effective for non-root users
+_STARTUP_TIMEOUT = 60.0  # generous: a loaded CI machine can take seconds to start an interpreter
+_MAX_OUTPUT_CHARS = 10_000_000
+_FORK_TIMEOUT = 10.0
+
+
+class SandboxError(RuntimeError):
+    """Misuse of a sandbox (e.g. running code after ``close``) or a sandbox that cannot start at all."""
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What one ``run`` produced."""
+
+    text: str
+    """The observation shown to the model, in smolagents' format."""
+    error: bool
+    """The code raised, was refused, timed out or crashed the worker."""
+    final_answer: Any = None
+    """The value passed to ``final_answer(x)`` as plain data (numpy values become Python numbers or lists;
+    anything else that is not plain data becomes its ``repr``)."""
+    has_final_answer: bool = False
+    """``final_answer`` was called (distinguishes ``final_answer(None)`` from no call)."""
+    printed: str = ""
+    """Captured stdout, truncated like in ``text``."""
+    timed_out: bool = False
+
+
+class _Timeout(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parent side of the channel
+# ----------------------------------------------------------------------------------------------------------------
+class _Channel:
+    """Framed messages over the parent's end of the socket pair, with deadlines and SCM_RIGHTS support."""
+
+    _FD_SPACE = socket.CMSG_SPACE(8 * array.array("i").itemsize)
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self._buffer = bytearray()
+        self._fds: list[int] = []
+
+    def close(self) -> None:
+        self._close_fds()
+        self.sock.close()
+
+    def send(self, obj: Any, deadline: float) -> None:
+        view = memoryview(protocol.frame(obj))
+        while view:
+            self.sock.settimeout(self._remaining(deadline))
+            try:
+                sent = self.sock.send(view)
+            except socket.timeout:
+                raise _Timeout from None
+            view = view[sent:]
+
+    def recv(self, deadline: float) -> tuple[Any, list[int]]:
+        """One message and the file descriptors that arrived with it (the caller owns them)."""
+        (size,) = protocol.HEADER.unpack(self._read(protocol.HEADER.size, deadline))
+        if size > protocol.MAX_FRAME_BYTES:
+            raise protocol.ProtocolError(f"oversized frame ({size} bytes)")
+        payload = self._read(size, deadline)
+        fds, self._fds = self._fds, []
+        try:
+            return protocol.loads(payload), fds
+        except BaseException:
+            _close_fds(fds)
+            raise
+
+    def _read(self, n: int, deadline: float) -> bytes:
+        while len(self._buffer) < n:
+            self.sock.settimeout(self._remaining(deadline))
+            try:
+                data, ancdata, _flags, _addr = self.sock.recvmsg(max(65536, min(n - len(self._buffer), 1 << 22)),
+                                                                 self._FD_SPACE, socket.MSG_CMSG_CLOEXEC)
+            except socket.timeout:
+                raise _Timeout from None
+            for level, kind, cdata in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds = array.array("i")
+                    fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
+                    self._fds.extend(fds)
+            if not data:
+                raise EOFError("worker closed the channel")
+            self._buffer += data
+        out = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        return out
+
+    @staticmethod
+    def _remaining(deadline: float) -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Timeout
+        return remaining
+
+    def _close_fds(self) -> None:
+        _close_fds(self._fds)
+        self._fds = []
+
+
+def _close_fds(fds: Iterable[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Worker processes, sessions and directories
+# ----------------------------------------------------------------------------------------------------------------
+def _proc_stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, session id) of a live (non-zombie) process, from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rfind(b")") + 2:].split()
+    try:
+        if fields[0] in (b"Z", b"X"):
+            return None
+        return int(fields[1]), int(fields[3])
+    except (IndexError, ValueError):
+        return None
+
+
+class _Sessions:
+    """Counts the live workers of each session; when a session has none left, kills any stray process in it.
+
+    Each worker started by the parent leads a new session and the seccomp filter forbids leaving it, so the
+    session is the lineage of one worker and its forks, including anything sandboxed code might have started.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._refs: dict[int, int] = {}
+
+    def acquire(self, sid: int) -> None:
+        with self._lock:
+            self._refs[sid] = self._refs.get(sid, 0) + 1
+
+    def release(self, sid: int) -> None:
+        with self._lock:
+            left = self._refs.get(sid, 0) - 1
+            if left > 0:
+                self._refs[sid] = left
+                return
+            self._refs.pop(sid, None)
+        self._sweep(sid)
+
+    @staticmethod
+    def _sweep(sid: int) -> None:
+        try:
+            entries = os.listdir("/proc")
+        except OSError:
+            return
+        me = os.getpid()
+        for name in entries:
+            if not name.isdigit() or int(name) == me:
+                continue
+            pid = int(name)
+            info = _proc_stat(pid)
+            if info is None or info[1] != sid:
+                continue
+            try:
+                pidfd = os.pidfd_open(pid)
+            except (OSError, AttributeError):
+                continue
+            try:  # re-check through the pidfd's process: the pid cannot be reused while we hold it
+                info = _proc_stat(pid)
+                if info is not None and info[1] == sid:
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except OSError:
+                pass
+            finally:
+                os.close(pidfd)
+
+
+_sessions = _Sessions()
+
+
+class _Worker:
+    """A live worker process: started by us (``popen``) or forked by another worker (``pidfd``)."""
+
+    def __init__(self, chan: _Channel, pid: int, sid: int, *, popen: subprocess.Popen | None = None,
+                 pidfd: int | None = None, protections: dict | None = None):
+        self.chan, self.pid, self.sid, self.popen, self.pidfd = chan, pid, sid, popen, pidfd
+        self.protections = protections or {}
+        self._dead = False
+
+    def alive(self) -> bool:
+        if self._dead:
+            return False
+        if self.popen is not None:
+            return self.popen.poll() is None
+        if self.pidfd is not None:
+            return not select.select([self.pidfd], [], [], 0)[0]
+        info = _proc_stat(self.pid)  # no pidfd support: recognise the process by its session
+        return info is not None and info[1] == self.sid
+
+    def death_reason(self) -> str:
+        """Best description of why the process ended (waits briefly for it to do so)."""
+        code = None
+        if self.popen is not None:
+            try:
+                code = self.popen.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                return "it stopped responding"
+        elif self.pidfd is not None and not select.select([self.pidfd], [], [], 2)[0]:
+            return "it stopped responding"
+        if code is None:
+            return "the process died, e.g. killed for exceeding its CPU-time or memory limit"
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            hint = {"SIGXCPU": ": CPU time limit exceeded", "SIGSEGV": ": segmentation fault",
+                    "SIGKILL": ": killed", "SIGABRT": ": aborted", "SIGXFSZ": ": file size limit exceeded"}
+            return f"{name}{hint.get(name, '')}"
+        return f"exit status {code}"
+
+    def kill(self) -> None:
+        if self._dead:
+            return
+        self._dead = True
+        try:
+            self.chan.close()
+        except OSError:
+            pass
+        try:
+            if self.popen is not None:
+                if self.popen.poll() is None:
+                    self.popen.kill()
+                try:
+                    self.popen.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
+            elif self.pidfd is not None:
+                try:
+                    signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                select.select([self.pidfd], [], [], 5)  # until it has exited
+            elif self.alive():
+                os.kill(self.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        finally:
+            if self.pidfd is not None:
+                os.close(self.pidfd)
+                self.pidfd = None
+            _sessions.release(self.sid)
+
+
+class _Lineage:
+    """The temporary directory shared by a sandbox and its forks; each gets a subdirectory as workdir."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="tad-sandbox-"))
+        self._lock = threading.Lock()
+        self._refs = 0
+        self._counter = itertools.count()
+
+    def new_workdir(self) -> Path:
+        with self._lock:
+            self._refs += 1
+            path = self.root / f"w{next(self._counter)}"
+        path.mkdir(mode=0o700)
+        return path
+
+    def release(self) -> None:
+        with self._lock:
+            self._refs -= 1
+            last = self._refs <= 0
+        if last:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _copy_regular(src: str, dst: str) -> None:
+    # Only regular files: a FIFO or device in the working directory must not block or leak the copy.
+    if stat.S_ISREG(os.lstat(src).st_mode):
+        shutil.copy2(src, dst)
+
+
+def _clear_dir(path: Path) -> None:
+    for entry in os.scandir(path):
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            try:
+                os.unlink(entry.path)
+            except OSError:
+                pass
+
+
+def _worker_sys_path() -> list[str]:
+    # The parent's import path, minus relative entries (the worker's cwd is the sandbox's directory,
+    # where the code can write files; a writable directory on sys.path would let it shadow modules).
+    seen = []
+    for entry in sys.path:
+        if entry and os.path.isabs(entry) and os.path.exists(entry) and entry not in seen:
+            seen.append(entry)
+    return seen
+
+
+def _worker_env(workdir: Path) -> dict[str, str]:
+    # Nothing from the parent's environment (API tokens, proxies...). One thread for numerical libraries:
+    # their thread pools would count against the memory limit and the machine's cores.
+    env = {"PATH": os.defpath, "HOME": str(workdir), "TMPDIR": str(workdir), "LANG": "C.UTF-8"}
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS",
+                "VECLIB_MAXIMUM_THREADS"):
+        env[var] = "1"
+    return env
+
+
+def _clean_text(text: str | None) -> str | None:
+    # Lone surrogates (print('\\ud800')) would make the observation unencodable as UTF-8 downstream.
+    if text is None or text.isascii():
+        return text
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        try:  # resolve string annotations (``from __future__ import annotations``) for a readable signature
+            return inspect.signature(fn, eval_str=True)
+        except Exception:  # noqa: BLE001 - an annotation that does not evaluate: show it as written
+            return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+
+
+_live: "weakref.WeakSet[PythonSandbox]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for sandbox in list(_live):
+        try:
+            sandbox.close()
+        except Exception:  # noqa: BLE001 - best effort at interpreter exit
+            pass
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The sandbox
+# ----------------------------------------------------------------------------------------------------------------
+class PythonSandbox:
+    """A persistent, isolated Python interpreter for CodeAct steps (see the module docstring).
+
+    Args:
+        tools: functions living in *this* process, callable from the sandbox under the same names. Arguments
+            and results cross the process boundary as plain data (str, numbers, lists, dicts, sets, tuples,
+            numpy values); a result that is not plain data reaches the code as its ``str()``. Tools run
+            synchronously inside ``run``, count towards ``timeout``, and must not use this sandbox.
+        timeout: wall-clock limit of one ``run``, in seconds.
+        memory_limit_mb: address-space limit of the worker process (RLIMIT_AS).
+        cpu_time_limit: CPU seconds one ``run`` may use (default: ``timeout`` rounded up, plus 1).
+        allowed_imports: importable top-level modules; their public submodules are importable too.
+        max_output_chars: printed output and values longer than this are cut in the middle, with a note.
+    """
+
+    def __init__(self, tools: dict[str, Callable[..., Any]] | None = None, *, timeout: float = 10.0,
+                 memory_limit_mb: int = 1024, cpu_time_limit: float | None = None,
+                 allowed_imports: Iterable[str] = DEFAULT_ALLOWED_IMPORTS, max_output_chars: int = 20_000):
+        tools = dict(tools or {})
+        for name, fn in tools.items():
+            if not (isinstance(name, str) and name.isidentifier() and not keyword.iskeyword(name)):
+                raise ValueError(f"tool name {name!r} is not a valid Python identifier")
+            if name.startswith("_") or name == "final_answer":
+                raise ValueError(f"tool name {name!r} is reserved (no leading underscore; final_answer is built in)")
+            if not callable(fn):
+                raise TypeError(f"tool {name!r} is not callable")
+        if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+            raise ValueError("timeout must be a positive number of seconds")
+        if not (isinstance(memory_limit_mb, int) and memory_limit_mb >= 32):
+            raise ValueError("memory_limit_mb must be an int >= 32")
+        if cpu_time_limit is None:
+            cpu_time_limit = math.ceil(timeout) + 1
+        if not (isinstance(cpu_time_limit, (int, float)) and math.isfinite(cpu_time_limit) and cpu_time_limit > 0):
+            raise ValueError("cpu_time_limit must be a positive number of seconds")
+        if not (isinstance(max_output_chars, int) and 1 <= max_output_chars <= _MAX_OUTPUT_CHARS):
+            raise ValueError(f"max_output_chars must be an int between 1 and {_MAX_OUTPUT_CHARS}")
+        if isinstance(allowed_imports, str):
+            raise TypeError("allowed_imports must be an iterable of module names, not a string")
+        allowed = tuple(dict.fromkeys(allowed_imports))
+        for name in allowed:
+            if not (isinstance(name, str) and all(p.isidentifier() for p in name.split("."))):
+                raise ValueError(f"invalid module name in allowed_imports: {name!r}")
+        self._setup(tools, float(timeout), memory_limit_mb, int(math.ceil(cpu_time_limit)), allowed,
+                    max_output_chars, _Lineage())
+        try:
+            self._worker = self._spawn_worker()
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, tools: dict, timeout: float, memory_limit_mb: int, cpu_time_limit: int,
+               allowed: tuple[str, ...], max_output_chars: int, lineage: _Lineage) -> None:
+        self._closed = True  # until fully set up, close() has nothing to undo
+        self._tools = tools
+        self._timeout = timeout
+        self._memory_limit_mb = memory_limit_mb
+        self._cpu_time_limit = cpu_time_limit
+        self._allowed = allowed
+        self._max_output_chars = max_output_chars
+        self._lock = threading.RLock()
+        self._worker: _Worker | None = None
+        self._lineage = lineage
+        self._owner = os.getpid()
+        self.workdir: Path = lineage.new_workdir()
+        self._closed = False
+        _live.add(self)
+
+    # -- public API ------------------------------------------------------------------------------------------------
+    @property
+    def timeout(self) -> float:
+        return self._timeout
+
+    @property
+    def protections(self) -> dict[str, Any]:
+        """Which OS-level protections the current worker has (rlimits, seccomp, Landlock ABI, ...)."""
+        worker = self._worker
+        return dict(worker.protections) if worker is not None else {}
+
+    def run(self, code: str) -> Observation:
+        """Run one snippet in the persistent namespace and return its observation."""
+        if not isinstance(code, str):
+            raise SandboxError(f"code must be a str, not {type(code).__name__}")
+        with self._lock:
+            self._check_open()
+            if self._worker is None or not self._worker.alive():
+                self._discard_worker()
+                try:
+                    self._worker = self._spawn_worker()
+                except SandboxError as exc:
+                    return Observation(text=f"Error:\nThe Python interpreter could not be started: {exc}", error=True)
+            worker = self._worker
+            finished = False
+            try:
+                deadline = time.monotonic() + self._timeout
+                worker.chan.send(("run", code), deadline)
+                while True:
+                    message, fds = worker.chan.recv(deadline)
+                    _close_fds(fds)
+                    if isinstance(message, tuple) and len(message) == 4 and message[0] == "tool":
+                        worker.chan.send(self._call_tool(*message[1:]), deadline)
+                    elif isinstance(message, tuple) and len(message) == 2 and message[0] == "result":
+                        observation = self._observation(message[1])
+                        finished = True
+                        return observation
+                    else:
+                        raise protocol.ProtocolError("unexpected message")
+            except _Timeout:
+                finished = True
+                self._discard_worker()
+                return Observation(
+                    text=(f"Error:\nExecution timed out after {self._timeout:g} s; the interpreter was restarted "
+                          "and its variables are lost."),
+                    error=True, timed_out=True)
+            except (EOFError, OSError, protocol.ProtocolError) as exc:
+                finished = True
+                if isinstance(exc, protocol.ProtocolError):
+                    reason = "it sent an invalid message"
+                else:
+                    reason = worker.death_reason()
+                self._discard_worker()
+                return Observation(
+                    text=(f"Error:\nThe interpreter crashed ({reason}) while running this code; it was restarted "
+                          "and its variables are lost."),
+                    error=True)
+            finally:
+                if not finished:  # e.g. KeyboardInterrupt in the parent: the channel is out of step now
+                    self._discard_worker()
+
+    def fork(self) -> "PythonSandbox":
+        """An independent copy of this sandbox: same variables and imports, files copied, its own worker."""
+        with self._lock:
+            self._check_open()
+            child = object.__new__(PythonSandbox)
+            child._setup(self._tools, self._timeout, self._memory_limit_mb, self._cpu_time_limit, self._allowed,
+                         self._max_output_chars, self._lineage)
+            try:
+                shutil.copytree(self.workdir, child.workdir, symlinks=True, dirs_exist_ok=True,
+                                copy_function=_copy_regular)
+                if self._worker is not None and self._worker.alive():
+                    child._worker = self._fork_worker(child.workdir)
+            except BaseException:
+                child.close()
+                raise
+            return child
+
+    def reset(self) -> None:
+        """Fresh state: new interpreter, empty working directory."""
+        with self._lock:
+            self._check_open()
+            self._discard_worker()
+            _clear_dir(self.workdir)
+            try:
+                self._worker = self._spawn_worker()
+            except SandboxError:
+                self._worker = None  # the next run retries and reports the problem as an observation
+
+    def close(self) -> None:
+        """Kill the worker and remove the working directory. Idempotent."""
+        lock = getattr(self, "_lock", None)
+        if lock is None:
+            return
+        with lock:
+            if getattr(self, "_closed", True):
+                return
+            self._closed = True
+            if self._owner != os.getpid():
+                return  # a copy inherited by a forked process: the worker and files belong to the original
+            self._discard_worker()
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self._lineage.release()
+            _live.discard(self)
+
+    def __enter__(self) -> "PythonSandbox":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - never raise from a finalizer
+            pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"workdir={str(self.workdir)!r}"
+        return f"<PythonSandbox {state} timeout={self._timeout:g}s>"
+
+    # -- internals -----------------------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SandboxError("this sandbox is closed")
+        if self._owner != os.getpid():
+            raise SandboxError("this sandbox belongs to the process that created it, not to this forked copy")
+
+    def _discard_worker(self) -> None:
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.kill()
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "workdir": str(self.workdir), "fs_root": str(self._lineage.root), "sys_path": _worker_sys_path(),
+            "allowed_imports": list(self._allowed), "memory_limit_mb": self._memory_limit_mb,
+            "cpu_time_limit": self._cpu_time_limit, "max_output_chars": self._max_output_chars,
+            "tools": sorted(self._tools), "max_file_bytes": _MAX_FILE_BYTES, "max_open_files": _MAX_OPEN_FILES,
+            "max_processes": _MAX_PROCESSES,
+        }
+
+    def _spawn_worker(self) -> _Worker:
+        if not sys.executable:
+            raise SandboxError("cannot locate the Python executable to start the worker")
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            popen = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-B", str(_WORKER_SCRIPT), str(child_sock.fileno())],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                pass_fds=(child_sock.fileno(),), cwd=str(self.workdir), env=_worker_env(self.workdir),
+                start_new_session=True)
+        except OSError as exc:
+            parent_sock.close()
+            raise SandboxError(f"cannot start the worker process: {exc}") from exc
+        finally:
+            child_sock.close()
+        _sessions.acquire(popen.pid)
+        worker = _Worker(_Channel(parent_sock), popen.pid, popen.pid, popen=popen)
+        try:
+            deadline = time.monotonic() + max(_STARTUP_TIMEOUT, self._timeout)
+            worker.chan.send(("config", self._config()), deadline)
+            message, fds = worker.chan.recv(deadline)
+            _close_fds(fds)
+            if isinstance(message, tuple) and len(message) == 2 and message[0] == "init_error":
+                raise SandboxError(f"the worker failed to initialise:\n{message[1]}")
+            if not (isinstance(message, tuple) and len(message) == 2 and message[0] == "ready"
+                    and isinstance(message[1], dict)):
+                raise SandboxError("the worker sent an unexpected first message")
+            worker.protections = dict(message[1].get("protections") or {})
+            return worker
+        except (_Timeout, EOFError, OSError, protocol.ProtocolError) as exc:
+            reason = worker.death_reason() if isinstance(exc, EOFError) else type(exc).__name__
+            worker.kill()
+            raise SandboxError(f"the worker did not start ({reason})") from None
+        except BaseException:
+            worker.kill()
+            raise
+
+    def _fork_worker(self, workdir: Path) -> _Worker | None:
+        """Ask our worker to fork a copy serving ``workdir``; None (and our worker restarted) on failure."""
+        worker = self._worker
+        assert worker is not None
+        deadline = time.monotonic() + max(_FORK_TIMEOUT, self._timeout)
+        fds: list[int] = []
+        chan: _Channel | None = None
+        try:
+            worker.chan.send(("fork", str(workdir)), deadline)
+            message, fds = worker.chan.recv(deadline)
+            if message != ("forked", {}) or len(fds) != 1:
+                raise protocol.ProtocolError("bad fork reply")
+            chan = _Channel(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=fds.pop()))
+            hello, extra = chan.recv(deadline)
+            _close_fds(extra)
+            if not (isinstance(hello, tuple) and len(hello) == 2 and hello[0] == "hello" and isinstance(hello[1], dict)
+                    and type(hello[1].get("pid")) is int):
+                raise protocol.ProtocolError("bad hello")
+            pid = hello[1]["pid"]
+            # The copy is our worker's child, in its session; check before trusting the pid it reports.
+            if _proc_stat(pid) != (worker.pid, worker.sid):
+                raise protocol.ProtocolError("forked worker is not who it claims to be")
+            try:  # a pidfd keeps naming this process even after it exits (no pid-reuse race)
+                pidfd: int | None = os.pidfd_open(pid)
+            except (AttributeError, OSError):
+                pidfd = None
+            if _proc_stat(pid) != (worker.pid, worker.sid):
+                if pidfd is not None:
+                    os.close(pidfd)
+                raise protocol.ProtocolError("forked worker exited")
+            _sessions.acquire(worker.sid)
+            return _Worker(chan, pid, worker.sid, pidfd=pidfd, protections=dict(hello[1].get("protections") or {}))
+        except (_Timeout, EOFError, OSError, protocol.ProtocolError):
+            # Our worker misbehaved (or a copy could not be made): restart ours, the copy starts fresh.
+            _close_fds(fds)
+            if chan is not None:
+                chan.close()
+            self._discard_worker()
+            return None
+
+    def _call_tool(self, name: Any, args: Any, kwargs: Any) -> tuple:
+        if not (isinstance(name, str) and isinstance(args, tuple) and isinstance(kwargs, dict)
+                and all(isinstance(k, str) for k in kwargs)):
+            raise protocol.ProtocolError("malformed tool call")
+        fn = self._tools.get(name)
+        if fn is None:
+            return ("tool_result", False, "NameError", f"There is no tool named {name!r}.")
+        sig = _signature(fn)
+        if sig is not None:
+            try:
+                sig.bind(*args, **kwargs)
+            except TypeError as exc:
+                return ("tool_result", False, "TypeError", f"{name}() {exc}. Signature: {name}{sig}")
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - a failing tool is the code's problem, not the parent's
+            return ("tool_result", False, "RuntimeError", f"Tool '{name}' failed with {type(exc).__name__}: {exc}")
+        try:
+            plain = protocol.to_plain(result)
+            reply = ("tool_result", True, plain)
+            protocol.frame(reply)
+            return reply
+        except protocol.NotPlainData:
+            text = str(result)
+            if len(text) > protocol.MAX_FRAME_BYTES // 8:
+                text = text[: protocol.MAX_FRAME_BYTES // 8]
+            return ("tool_result", True, text)
+
+    def _observation(self, payload: Any) -> Observation:
+        if not isinstance(payload, dict):
+            raise protocol.ProtocolError("result is not a dict")
+        printed, value, error = payload.get("printed"), payload.get("value"), payload.get("error")
+        final, final_is_repr = payload.get("final"), payload.get("final_is_repr")
+        optional_str = (str, type(None))
+        if not (isinstance(printed, str) and isinstance(value, optional_str) and isinstance(error, optional_str)
+                and type(final) is bool and type(final_is_repr) is bool and (value is not None or error is not None)):
+            raise protocol.ProtocolError("malformed result")
+        printed, value, error = _clean_text(printed), _clean_text(value), _clean_text(error)
+        final_value = payload.get("final_value") if final else None
+        if isinstance(final_value, str):
+            final_value = _clean_text(final_value)
+        logs = f"Execution logs:\n{printed}" + ("" if not printed or printed.endswith("\n") else "\n")
+        if error is not None:
+            text = (logs if printed else "") + f"Error:\n{error}"
+        else:
+            text = f"{logs}Last output from code snippet:\n{value}"
+        return Observation(text=text, error=error is not None, final_answer=final_value, has_final_answer=final,
+                           printed=printed)
