@@ -292,7 +292,8 @@ ATTACKS = {
     "metaclass_via_type": ("type(int)('B', (), {'__array_interface__': {'data': (8, False)}})", "metaclass"),
     "metaclass_via_class_attr": ("(1).__class__.__class__('B', (), {})", "metaclass"),
     "metaclass_via_getattr": ("getattr(int, '__class__')", "metaclass"),
-    "metaclass_from_library": ("import sympy\nsympy.FunctionClass('B', (), {})", "'sympy.FunctionClass' is not available"),
+    "metaclass_from_library": ("import sympy\nsympy.FunctionClass('B', (), {})",
+                               "'sympy.FunctionClass' is not available"),
     "metaclass_by_match": ("match int:\n    case type(__class__=meta):\n        meta", "'__class__'"),
     "mro_real_classes": ("import numpy as np\nnp.ma.MaskedArray.mro()", "'mro'"),
     "getattr_hook_array_interface": ("import numpy as np\nclass A:\n    def __getattr__(self, name):\n"
@@ -480,18 +481,18 @@ def test_no_process_escapes_the_session(sandbox):
 # The OS layer on its own (as if the language layer had been bypassed)
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.mark.skipif(platform.machine() != "x86_64" or sys.platform != "linux", reason="seccomp filter is x86-64 only")
-def test_os_layer_alone_blocks_exec_network_signals_and_files(tmp_path):
+def test_os_layer_alone_blocks_exec_network_signals_files_and_fork_bombs(tmp_path):
     agent_dir = Path(__file__).resolve().parents[1] / "trl_agent_distill" / "agent"
     work = tmp_path / "box"
     work.mkdir()
     marker = tmp_path / "pwned"
     script = textwrap.dedent(f"""
-        import os, socket, sys
+        import os, socket, sys, time
         sys.path.insert(0, {str(agent_dir)!r})
         import _sandbox_os as o
-        landlock = o.landlock_restrict([{str(work)!r}], [sys.prefix, sys.base_prefix, "/usr/lib", "/lib"])
+        results = {{"dropped_root": o.drop_root(1_234_567_890, 12)}}
+        results["landlock"] = o.landlock_restrict([{str(work)!r}], [sys.prefix, sys.base_prefix, "/usr/lib", "/lib"])
         assert o.install_seccomp()
-        results = {{"landlock": landlock}}
         results["system"] = os.system("touch {marker}")  # the shell cannot be executed
         for name, attempt in [
             ("exec", lambda: os.execv("/bin/true", ["true"])),
@@ -506,15 +507,27 @@ def test_os_layer_alone_blocks_exec_network_signals_and_files(tmp_path):
             except OSError as e:
                 results[name] = type(e).__name__
         open({str(work / "inside.txt")!r}, "w").write("ok")
+        forks = 0
+        try:
+            for _ in range(50):  # a fork bomb after an escape: bounded by RLIMIT_NPROC once root is dropped
+                if os.fork() == 0:
+                    time.sleep(1)
+                    os._exit(0)
+                forks += 1
+        except OSError:
+            pass
+        results["forks"] = forks
         print(results)
         """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    results = eval(out.stdout)  # noqa: S307 - our own subprocess's repr of a dict of str/int
+    results = eval(out.stdout)  # noqa: S307 - our own subprocess's repr of a dict of str/int/bool
     assert results["system"] != 0 and results["exec"] == "PermissionError" and results["socket"] == "PermissionError"
     assert results["kill_parent"] == "PermissionError" and results["setsid"] == "PermissionError"
     if results["landlock"]:
         assert results["write_outside"] == "PermissionError"
+    if results["dropped_root"]:
+        assert results["forks"] < 12
     assert not marker.exists() and (work / "inside.txt").read_text() == "ok"
 
 

@@ -4,8 +4,12 @@ Everything here runs inside the worker process, as trusted code, *before* any sa
 mechanism is applied when the kernel offers it and reported otherwise, so that the sandbox still works
 (with the language layer alone) on kernels or architectures without it:
 
-* rlimits: address space, file size, no core dumps, open files, processes (``RLIMIT_NPROC`` is ignored
-  for root), and a per-run CPU budget.
+* rlimits: address space, file size, no core dumps, open files, and a per-run CPU budget.
+* root: a worker started by root switches to a fresh unprivileged uid/gid (one per worker session) keeping
+  only CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, so that files behave as before (Landlock confines
+  them) while the other root powers go away and ``RLIMIT_NPROC``, which root ignores, bounds the
+  number of processes of the session. A non-root worker keeps its user (and that user's NPROC, which
+  counts all its processes, so it is not lowered).
 * seccomp (x86-64 only): no ``execve``, no new sockets (so no network and no connecting to host
   Unix sockets), no ptrace / process_vm_*, no signals to other processes, no new sessions or process
   groups, no namespaces / mounts / kernel modules / device nodes / io_uring / bpf, and no raising of
@@ -36,6 +40,7 @@ _prctl.restype = ctypes.c_int
 _prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 
 PR_SET_DUMPABLE = 4
+PR_SET_KEEPCAPS = 8
 PR_SET_SECCOMP = 22
 PR_SET_NO_NEW_PRIVS = 38
 SECCOMP_MODE_FILTER = 2
@@ -52,7 +57,7 @@ def _set_limit(which: int, value: int) -> bool:
         return False
 
 
-def apply_rlimits(*, memory_bytes: int, max_file_bytes: int, max_open_files: int, max_processes: int) -> list[str]:
+def apply_rlimits(*, memory_bytes: int, max_file_bytes: int, max_open_files: int) -> list[str]:
     """Set the fixed limits; returns the names of those that could be set."""
     applied = []
     for name, which, value in (
@@ -60,11 +65,51 @@ def apply_rlimits(*, memory_bytes: int, max_file_bytes: int, max_open_files: int
         ("RLIMIT_FSIZE", resource.RLIMIT_FSIZE, max_file_bytes),
         ("RLIMIT_CORE", resource.RLIMIT_CORE, 0),
         ("RLIMIT_NOFILE", resource.RLIMIT_NOFILE, max_open_files),
-        ("RLIMIT_NPROC", resource.RLIMIT_NPROC, max_processes),
     ):
         if _set_limit(which, value):
             applied.append(name)
     return applied
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Leaving root
+# --------------------------------------------------------------------------------------------------------------
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 1, 2
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def drop_root(uid: int, max_processes: int) -> bool:
+    """If running as root: become ``uid``/gid ``uid`` with only the two file-access capabilities, and cap the
+    processes of that uid at ``max_processes``. Returns whether it happened (False leaves root as is, except
+    possibly the supplementary groups and gid, which grant nothing by themselves)."""
+    if os.geteuid() != 0:
+        return False
+    try:
+        resource.setrlimit(resource.RLIMIT_NPROC, (max_processes, max_processes))
+        if _prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0:
+            return False
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)  # from here on we are not root; KEEPCAPS kept the permitted set
+    except (OSError, ValueError):  # e.g. a user namespace in which this uid is not mapped
+        return False
+    keep = (1 << CAP_DAC_OVERRIDE) | (1 << CAP_DAC_READ_SEARCH)
+    data = (_CapData * 2)()
+    data[0].effective = data[0].permitted = keep
+    if _libc.capset(ctypes.byref(_CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)), data) != 0:
+        # Without the file capabilities the worker may be unable to read Python's own files; it is no
+        # longer root either way, so report success and let a failing import show the problem.
+        pass
+    _prctl(PR_SET_KEEPCAPS, 0, 0, 0, 0)
+    return True
 
 
 def set_cpu_budget(seconds: int) -> None:

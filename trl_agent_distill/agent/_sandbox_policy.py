@@ -2,26 +2,32 @@
 
 Three mechanisms, all inside the worker process:
 
-1. :func:`validate` checks the AST before anything runs: no dunder names (``__import__``,
+1. :func:`prepare` checks the AST before anything runs: no dunder names (``__import__``,
    ``__builtins__`` ...), no private/dunder attributes except a few harmless ones (``__name__``,
-   ``__class__``, ``__init__`` ...), no frame/code/generator internals (``gi_frame``, ``tb_frame``,
-   ``f_globals`` ...), no ``ctypes``/``cffi`` attributes, and in class bodies only ordinary special
-   methods (no ``__del__``, ``__reduce__``, ``__array_interface__`` ...).
+   ``__init__`` ...), no frame/code/generator internals (``gi_frame``, ``tb_frame``, ``f_globals`` ...),
+   no ``ctypes``/``cffi``/``mro`` attributes, and in class bodies only ordinary special methods (no
+   ``__getattr__``, ``__del__``, ``__reduce__``, ``__array_interface__`` ...). It then adds two runtime
+   guards: ``f(**d)`` checks the keys of ``d`` like written keywords, and ``x.__class__`` becomes the
+   sandbox's ``type(x)``, which never returns a metaclass (metaclasses build classes with arbitrary
+   special attributes, e.g. an ``__array_interface__`` pointing anywhere in memory).
 2. :func:`make_builtins` gives the code a reduced ``__builtins__``: ``__import__`` honours the import
    allow-list and hands out read-only *module views* (:class:`ModuleGate`) that hide private names,
-   non-allowed modules and known-dangerous functions of allowed packages; ``getattr``/``setattr``/
-   ``delattr``/``hasattr``/``vars``/``dir`` refuse names starting with ``_``; ``open`` only opens files
-   inside the working directory; ``exec``/``eval`` validate their string like the snippet itself;
-   ``compile``, ``breakpoint``, ``input``, ``help``, ``locals`` are refused.
+   non-allowed modules, metaclasses and known-dangerous functions of allowed packages, and replace a few
+   objects by checked stand-ins (``numpy.ndarray``, ``functools.update_wrapper``/``wraps``);
+   ``getattr``/``setattr``/``delattr``/``hasattr``/``vars``/``dir`` refuse names starting with ``_``;
+   ``open`` only opens files inside the working directory; ``exec``/``eval`` validate their string like
+   the snippet itself; ``globals()`` is a copy without dunder entries (no builtins dict, which holds the
+   guards, is ever reachable); ``compile``, ``breakpoint``, ``input``, ``help``, ``locals`` are refused.
 3. :func:`make_audit_hook` (PEP 578) watches what *allowed libraries* do on the code's behalf: file
-   access outside the working directory (e.g. ``numpy.save('/tmp/x')``), processes, sockets, ctypes,
+   access outside the working directory (e.g. ``numpy.save('/tmp/x')``), processes, sockets,
    unpickling of classes (``numpy.load(..., allow_pickle=True)``), frame access and ctypes calls from
    sandboxed code, thread creation, rlimit changes.
    Audit hooks cannot be removed; the few privileged operations of the worker itself (forking a copy,
    setting the CPU budget) are recognised by the identity of the calling code object.
 
 sympy evaluates strings in several places (``sympify``, ``parse_expr``, ``lambdify``); those entry points
-are patched to validate the string and evaluate it with the sandbox's builtins.
+are patched to validate the string and evaluate it with the sandbox's builtins, and its class factory
+``Function(name, bases, namespace)`` refuses special attributes in the namespace.
 
 This module only uses the standard library; it is loaded by the worker script as a top-level module.
 """
@@ -863,8 +869,8 @@ def make_audit_hook(*, get_workdir: Callable[[], str], read_roots: Iterable[str]
     getframe = sys._getframe
 
     def caller_kind(depth: int) -> str:
-        """'trusted' | 'user' | 'library' for the code that triggered the event (skipping library frames
-        when ``depth`` is None-like large search)."""
+        """'trusted' (the worker's privileged closures), 'user' (code compiled at run time) or 'library' (a
+        module file) for the frame ``depth`` levels up: 0 this, 1 check(), 2 hook, 3 the caller."""
         frame = getframe(depth)
         code = frame.f_code
         if id(code) in trusted_codes:
@@ -872,6 +878,8 @@ def make_audit_hook(*, get_workdir: Callable[[], str], read_roots: Iterable[str]
         return "user" if _runtime_compiled(code.co_filename) else "library"
 
     def trusted_on_stack() -> bool:
+        """Whether the nearest non-library frame above the event is trusted (library frames in between,
+        such as socket.py called by the fork closure, do not count; any user frame ends the search)."""
         frame = getframe(3)  # 0 this, 1 check(), 2 hook, 3 the caller
         while frame is not None:
             code = frame.f_code

@@ -185,14 +185,16 @@ def main() -> None:  # noqa: C901 - one linear setup, then the request loop
         allowed = tuple(cfg["allowed_imports"])
         read_dirs, read_files = _read_roots(allowed, sys.path)
         limits = oslayer.apply_rlimits(memory_bytes=cfg["memory_limit_mb"] * 1024 * 1024,
-                                       max_file_bytes=cfg["max_file_bytes"], max_open_files=cfg["max_open_files"],
-                                       max_processes=cfg["max_processes"])
+                                       max_file_bytes=cfg["max_file_bytes"], max_open_files=cfg["max_open_files"])
+        dropped_root = oslayer.drop_root(cfg["uid"], cfg["max_processes"])
+        if dropped_root:
+            limits.append("RLIMIT_NPROC")
         no_new_privs = oslayer.set_no_new_privs()
-        oslayer.set_not_dumpable()
+        oslayer.set_not_dumpable()  # after the uid change, which resets it
         landlock = oslayer.landlock_restrict([fs_root], read_dirs + read_files)
         seccomp = oslayer.install_seccomp()
-        protections = {"rlimits": limits, "no_new_privs": no_new_privs, "landlock_abi": landlock,
-                       "seccomp": seccomp, "audit_hook": True}
+        protections = {"rlimits": limits, "uid": os.getuid(), "dropped_root": dropped_root,
+                       "no_new_privs": no_new_privs, "landlock_abi": landlock, "seccomp": seccomp, "audit_hook": True}
         cpu_limit = int(cfg["cpu_time_limit"])
         max_chars = int(cfg["max_output_chars"])
 

@@ -21,47 +21,57 @@ The sandbox is *defence in depth around a separate process*, not a virtual machi
 
 1. **Language layer** (always on). The snippet's AST is checked before it runs: no dunder names
    (``__import__``, ``__builtins__``), no private or dunder attributes (``().__class__.__base__``,
-   ``f.__globals__``), no frame/generator/traceback internals (``gi_frame``, ``tb_frame``, ``f_globals``).
-   Builtins are reduced: ``__import__`` only imports the allow-list (``allowed_imports`` and their
-   submodules) and hands out read-only module views that hide private names, non-allowed modules and
-   dangerous functions (``numpy.ctypeslib``, ``numpy.lib.stride_tricks.as_strided``, ``sympy.preview`` ...);
-   ``getattr``/``setattr``/``vars``/``dir`` refuse names starting with ``_``; ``open`` only opens files
-   inside the working directory; ``exec``/``eval`` check their string like the snippet; ``compile``,
-   ``breakpoint``, ``input`` are refused. sympy's string evaluation (``sympify``, ``lambdify``) is
-   re-routed through the same checks.
+   ``f.__globals__``), no frame/generator/traceback internals (``gi_frame``, ``tb_frame``, ``f_globals``),
+   and class bodies may only define ordinary special methods. Builtins are reduced: ``__import__`` only
+   imports the allow-list (``allowed_imports`` and their public submodules) and hands out read-only
+   module views that hide private names, other modules, metaclasses and dangerous functions
+   (``numpy.ctypeslib``, ``numpy.lib.stride_tricks.as_strided``, ``sympy.preview`` ...);
+   ``getattr``/``setattr``/``vars``/``dir`` refuse names starting with ``_``; ``type()`` and
+   ``obj.__class__`` never return a metaclass; ``open`` only opens files inside the working directory;
+   ``exec``/``eval`` check their string like the snippet; ``compile``, ``breakpoint``, ``input`` are
+   refused. Routes by which numpy would trust a raw memory address or free memory still in use are
+   closed (``__array_interface__`` via any class factory or ``**kwargs``, object arrays over raw bytes,
+   ``resize(refcheck=False)``, record arrays), and sympy's string evaluation (``sympify``,
+   ``parse_expr``, ``lambdify``) goes through the same checks.
 2. **Audit hook** (always on, PEP 578, cannot be removed): what allowed *libraries* do on the code's
    behalf is checked too: file writes outside the working directory and reads outside it and Python's
    own files (``numpy.save('/tmp/x')``, ``numpy.loadtxt('/etc/passwd')``), processes, sockets, ctypes,
-   unpickling of classes, frame access, threads.
-3. **Operating system** (per kernel support; see ``protections``): a fresh process per sandbox with a
-   minimal environment, its own session, stdin/stdout/stderr on /dev/null and a fresh temporary working
-   directory; RLIMIT_AS (``memory_limit_mb``), a per-run RLIMIT_CPU budget (``cpu_time_limit``),
-   RLIMIT_FSIZE (32 MiB per file), no core dumps; on x86-64 Linux a seccomp filter (no ``execve``,
-   no sockets, no ptrace, no signals to other processes, no namespaces/mounts); with Landlock
-   (Linux >= 5.13) the file system is read-only outside the sandbox's directory and unreadable outside
-   Python's installation and system libraries, and TCP is refused.
+   unpickling of classes (``numpy.load(..., allow_pickle=True)``), frame access, threads.
+3. **Operating system** (per kernel support; see :attr:`PythonSandbox.protections`): a fresh process per
+   sandbox with a minimal environment, its own session, stdin/stdout/stderr on /dev/null and a fresh
+   temporary working directory; RLIMIT_AS (``memory_limit_mb``), a per-run RLIMIT_CPU budget
+   (``cpu_time_limit``), RLIMIT_FSIZE (32 MiB per file), no core dumps; when started by root, the worker
+   runs as a fresh unprivileged uid (keeping only the file-access capabilities) with RLIMIT_NPROC 256
+   per sandbox and its copies; on x86-64 Linux a seccomp filter (no ``execve``, no sockets, no ptrace, no
+   signals to other processes, no new sessions, namespaces or mounts); with Landlock (Linux >= 5.13)
+   the file system is read-only outside the sandbox's directory and unreadable outside Python's
+   installation and system libraries, and TCP is refused.
 4. **Wall clock**: every ``run`` ends within ``timeout`` seconds (plus process start-up): on expiry the
-   worker and anything it started are killed and a fresh interpreter serves the next run.
+   worker is killed and a fresh interpreter serves the next run; processes left in a sandbox's session
+   are killed when the last sandbox of that lineage closes.
 
 The parent process is never harmed by what the code does: messages from the worker are length-capped
-and decoded as plain data only (no pickled classes), worker death is an error observation, and ``run``
-only raises :class:`SandboxError` for misuse (e.g. running after ``close``).
+and decoded as plain data only (no pickled classes), a dead or misbehaving worker is an error
+observation, and ``run`` only raises :class:`SandboxError` for misuse (e.g. running after ``close``).
 
 What it does not guarantee
 --------------------------
-* It is not a VM or container: a kernel bug, or a memory-safety bug in CPython, numpy or sympy that
-  sandboxed code can trigger, can escape the language layer; the OS layer then still applies, but it
-  depends on the kernel (no seccomp off x86-64, no Landlock before Linux 5.13 or where disabled).
-* As root, ``RLIMIT_NPROC`` does not apply: process creation is stopped by the language layer and the
-  audit hook (seccomp cannot tell the worker's own ``fork()`` of a sandbox copy from another one).
-  Stray processes of a sandbox are killed when the last sandbox of its lineage closes.
-* Without Landlock, code that escapes the language layer can read what the worker's user can read.
+* It is not a VM or container. A memory-safety bug in CPython, numpy or sympy that sandboxed code can
+  reach (the language layer closes the routes we know of) or a kernel bug can give native code
+  execution inside the worker; what then still holds is the OS layer above, which depends on the
+  kernel (no seccomp off x86-64, no Landlock before Linux 5.13 or where disabled, no uid switch or
+  process cap unless the parent runs as root).
+* Without Landlock, code that escapes the language layer can read and write what the worker's user
+  can (the file-access capabilities are kept to preserve root's file semantics).
 * CPU and memory are limited per worker process; disk use per file (not in total).
 * A sandbox and its copies made by :meth:`PythonSandbox.fork` have sibling working directories under
   one temporary directory; the language layer and the audit hook keep each copy to its own, the
-  Landlock rule covers the common parent.
-* Open file objects held in variables at the time of a fork are shared with the copy (same file
-  offset and file); reopen files after forking.
+  Landlock rule covers the common parent. Open file objects held in variables at the time of a fork
+  are shared with the copy (same file and offset); reopen files after forking.
+* Compatibility costs of the language layer: no ``__getattr__``/``__del__`` in user classes, no
+  underscore attributes (``self._x``; namedtuple's ``_asdict`` & co. excepted), ``globals()`` is a
+  read-only snapshot, ``exec``/``eval`` without explicit globals run in the snippet's namespace,
+  ``numpy.ndarray`` cannot be subclassed, only math/numpy/sympy back-ends for ``lambdify``.
 """
 
 from __future__ import annotations
@@ -73,6 +83,7 @@ import itertools
 import keyword
 import math
 import os
+import secrets
 import select
 import shutil
 import signal
@@ -98,7 +109,8 @@ DEFAULT_ALLOWED_IMPORTS = ("math", "re", "json", "collections", "itertools", "fu
 _WORKER_SCRIPT = Path(__file__).with_name("_sandbox_worker.py")
 _MAX_FILE_BYTES = 32 * 1024 * 1024  # RLIMIT_FSIZE: largest file the code may write
 _MAX_OPEN_FILES = 256
-_MAX_PROCESSES = 256  # RLIMIT_NPROC, only effective for non-root users
+_MAX_PROCESSES = 256  # RLIMIT_NPROC of a worker session (threads included), when started by root
+_UID_RANGE = (1 << 30, (1 << 31) - 2)  # unprivileged uids for workers started by root, one per session
 _STARTUP_TIMEOUT = 60.0  # generous: a loaded CI machine can take seconds to start an interpreter
 _MAX_OUTPUT_CHARS = 10_000_000
 _FORK_TIMEOUT = 10.0
@@ -505,6 +517,7 @@ class PythonSandbox:
                allowed: tuple[str, ...], max_output_chars: int, lineage: _Lineage) -> None:
         self._closed = True  # until fully set up, close() has nothing to undo
         self._tools = tools
+        self._signatures: dict[str, inspect.Signature | None] = {}
         self._timeout = timeout
         self._memory_limit_mb = memory_limit_mb
         self._cpu_time_limit = cpu_time_limit
@@ -657,7 +670,7 @@ class PythonSandbox:
             "allowed_imports": list(self._allowed), "memory_limit_mb": self._memory_limit_mb,
             "cpu_time_limit": self._cpu_time_limit, "max_output_chars": self._max_output_chars,
             "tools": sorted(self._tools), "max_file_bytes": _MAX_FILE_BYTES, "max_open_files": _MAX_OPEN_FILES,
-            "max_processes": _MAX_PROCESSES,
+            "max_processes": _MAX_PROCESSES, "uid": secrets.randbelow(_UID_RANGE[1] - _UID_RANGE[0]) + _UID_RANGE[0],
         }
 
     def _spawn_worker(self) -> _Worker:
@@ -744,7 +757,9 @@ class PythonSandbox:
         fn = self._tools.get(name)
         if fn is None:
             return ("tool_result", False, "NameError", f"There is no tool named {name!r}.")
-        sig = _signature(fn)
+        if name not in self._signatures:
+            self._signatures[name] = _signature(fn)
+        sig = self._signatures[name]
         if sig is not None:
             try:
                 sig.bind(*args, **kwargs)
