@@ -77,7 +77,7 @@ class AgentTrajectoryCollator:
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if self.pad_token_id is None:
             raise ValueError("The tokenizer has neither a pad token nor an eos token to pad with; set one.")
-        self.end_of_turn = self._find_end_of_turn() if tokenizer.chat_template else None
+        self.end_of_turn = find_end_of_turn(tokenizer) if tokenizer.chat_template else None
         self.num_skipped = 0
         self.num_truncated = 0
 
@@ -283,29 +283,6 @@ class AgentTrajectoryCollator:
             add_generation_prompt=add_generation_prompt,
         )
 
-    def _find_end_of_turn(self) -> str | None:
-        """The special token the template writes right after an assistant message's content, if any."""
-        probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
-        try:
-            rendered = self._apply_template(probe)
-        except Exception as error:  # a template that rejects the probe gets no end-of-turn training
-            logger.warning("Could not probe the chat template's end-of-turn marker: %s", error)
-            return None
-        position = rendered.find(_PROBE)
-        if position < 0:
-            logger.warning("The chat template does not render assistant content verbatim; no end-of-turn is trained.")
-            return None
-        after = rendered[position + len(_PROBE) :]
-        special = set(self.tokenizer.all_special_tokens) | {
-            token.content for token in self.tokenizer.added_tokens_decoder.values()
-        }
-        ids = self.tokenizer(after, add_special_tokens=False)["input_ids"]
-        first = self.tokenizer.convert_ids_to_tokens(ids[:1])
-        if first and first[0] in special:
-            return first[0]
-        logger.warning("The chat template writes no special token after an assistant turn; none will be trained.")
-        return None
-
     # ------------------------------------------------------------------ generated completions
     def completion_kinds(self, completion_ids: list[int]) -> list[int]:
         """Kind codes for generated assistant tokens (on-policy / sequence-level KD), from their decoded text.
@@ -353,6 +330,32 @@ def _concatenate_cached_teacher(encoded: list[EncodedTrajectory]) -> dict[str, t
         "teacher_topk_logprobs": torch.tensor([v for c in columns for v in c["teacher_topk_logprobs"]]),
         "teacher_tail_logprob": torch.tensor([v for c in columns for v in c["teacher_tail_logprob"]]),
     }
+
+
+def find_end_of_turn(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The special token the chat template writes right after an assistant message's content, if any.
+
+    Training needs it (stopping is an action) and generation stops on it (a chat model's eos is often another
+    token, e.g. Qwen's `<|endoftext|>` against `<|im_end|>`).
+    """
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
+    try:
+        rendered = tokenizer.apply_chat_template(probe, tokenize=False)
+    except Exception as error:  # a template that rejects the probe gets no end-of-turn training
+        logger.warning("Could not probe the chat template's end-of-turn marker: %s", error)
+        return None
+    position = rendered.find(_PROBE)
+    if position < 0:
+        logger.warning("The chat template does not render assistant content verbatim; no end-of-turn is trained.")
+        return None
+    after = rendered[position + len(_PROBE) :]
+    special = set(tokenizer.all_special_tokens) | {token.content for token in tokenizer.added_tokens_decoder.values()}
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"]
+    first = tokenizer.convert_ids_to_tokens(ids[:1])
+    if first and first[0] in special:
+        return first[0]
+    logger.warning("The chat template writes no special token after an assistant turn; none will be trained.")
+    return None
 
 
 def _clean_message(message: dict) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -28,6 +29,22 @@ _ROLE_ALIASES = {f"MessageRole.{role.upper().replace('-', '_')}": role for role 
 _FORMAT_COLUMNS = {"smolagents": "log_data", "messages": "messages", "text": "text"}
 # Kept next to the converted messages: handy for evaluation and filtering, ignored by the collator.
 _KEPT_COLUMNS = ("question", "true_answer")
+_LOCAL_DATA_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_any_dataset(
+    name: str, config: str | None = None, *, local_split: str = "train"
+) -> datasets.Dataset | datasets.DatasetDict:
+    """A hub dataset, a `save_to_disk` directory, or a local .json/.jsonl/.parquet/.csv file (as `local_split`)."""
+    path = Path(name)
+    builder = _LOCAL_DATA_BUILDERS.get(path.suffix)
+    if builder and path.is_file():
+        return datasets.load_dataset(builder, data_files={local_split: name})
+    if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
+        return datasets.load_from_disk(name)
+    if builder and not path.exists():
+        raise FileNotFoundError(f"Dataset file {name} does not exist.")
+    return datasets.load_dataset(name, name=config)
 
 
 def from_smolagents_log(row: Mapping[str, Any], *, observation_role: str = "user") -> dict[str, list[dict[str, str]]]:

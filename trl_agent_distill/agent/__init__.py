@@ -1,6 +1,38 @@
-"""Agent runtime: the tools a teacher or student agent calls (retrieval, a Python sandbox)."""
+"""Agent runtime: tools (retrieval, a Python sandbox), agent loops (CodeAct, ReAct) and model backends."""
 
+from .backends import (
+    BackendError,
+    Completion,
+    GenerationBackend,
+    GenerationRequest,
+    OpenAIBackend,
+    PolicyBackend,
+    SamplingParams,
+    TransformersBackend,
+)
+from .loop import Agent, CodeActAgent, Episode, ReActAgent, Task, describe_tool
 from .retrieval import Document, RetrievalTool
 from .sandbox import DEFAULT_ALLOWED_IMPORTS, Observation, PythonSandbox, SandboxError
 
-__all__ = ["DEFAULT_ALLOWED_IMPORTS", "Document", "Observation", "PythonSandbox", "RetrievalTool", "SandboxError"]
+__all__ = [
+    "DEFAULT_ALLOWED_IMPORTS",
+    "Agent",
+    "BackendError",
+    "CodeActAgent",
+    "Completion",
+    "Document",
+    "Episode",
+    "GenerationBackend",
+    "GenerationRequest",
+    "Observation",
+    "OpenAIBackend",
+    "PolicyBackend",
+    "PythonSandbox",
+    "ReActAgent",
+    "RetrievalTool",
+    "SamplingParams",
+    "SandboxError",
+    "Task",
+    "TransformersBackend",
+    "describe_tool",
+]

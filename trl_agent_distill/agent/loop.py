@@ -1,0 +1,379 @@
+"""Agent loops: a model acting with tools until it answers, many episodes in lockstep.
+
+Two formats, both as chat messages that `segment_messages` labels (assistant turns are REASON / ACT, observations
+come back as user turns and are never trained):
+
+* `CodeActAgent` (smolagents / the Agent Distillation paper): ``Thought: ...`` then ``Code:`` and a ```` ```py ````
+  block ending ```` ```<end_code> ````; the code runs in the episode's own `PythonSandbox`, where the tools are
+  Python functions and ``final_answer(x)`` ends the episode. The observation is the sandbox's execution log.
+* `ReActAgent` (ReAct / SAD): ``Thought: ...`` then ``Action: Tool[argument]``; ``Finish[answer]`` ends it.
+
+A reply that cannot be parsed gets an error observation telling the model what was expected, as the papers do,
+and the episode goes on until `max_steps`. `run` keeps up to `batch_size` episodes in flight: each round sends
+every pending step to the backend in one call, runs the actions in parallel, and refills finished slots with the
+next tasks, yielding episodes as they end.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .backends import Completion, GenerationBackend, GenerationRequest, SamplingParams
+from .sandbox import PythonSandbox, SandboxError
+
+STOP_REASONS = ("final_answer", "max_steps", "error")
+
+
+@dataclass(frozen=True)
+class Task:
+    """A question for the agent; `answer` is the gold answer when known (it is never shown to the model)."""
+
+    task_id: str
+    question: str
+    answer: Any = None
+
+
+@dataclass
+class Episode:
+    """One task's trajectory as chat `messages`, with what happened along the way.
+
+    `stop_reason` is `"final_answer"` (the agent answered), `"max_steps"` (it ran out of steps) or `"error"`
+    (its environment failed, e.g. the sandbox could not start; the reason is in `errors`).
+    """
+
+    task: Task
+    messages: list[dict[str, str]]
+    steps: int = 0
+    parse_errors: int = 0
+    tool_errors: int = 0
+    final_answer: str | None = None
+    stop_reason: str | None = None
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def answered(self) -> bool:
+        return self.stop_reason == "final_answer"
+
+    def to_record(self) -> dict[str, Any]:
+        """A JSON-ready row with the same fields and types for every episode (so `datasets` can load a file)."""
+        record = asdict(self)
+        task = record.pop("task")
+        return {
+            "task_id": task["task_id"],
+            "question": task["question"],
+            "answer": None if task["answer"] is None else str(task["answer"]),
+            **record,
+        }
+
+
+def describe_tool(name: str, tool: Callable[..., Any]) -> str:
+    """One line for the system prompt: the tool's own `description` when it has one, else signature + docstring."""
+    description = getattr(tool, "description", None)
+    if isinstance(description, str) and description:
+        return description
+    try:
+        signature = str(inspect.signature(tool))
+    except (TypeError, ValueError):
+        signature = "(...)"
+    return f"{name}{signature}: {_summary(tool)}"
+
+
+def _summary(tool: Callable[..., Any]) -> str:
+    doc = inspect.getdoc(tool)
+    return doc.strip().splitlines()[0] if doc and doc.strip() else "no description"
+
+
+@dataclass
+class _Step:
+    """What acting on one reply produced: the message to store, the observation to show, and how it ended."""
+
+    content: str
+    observation: str | None = None
+    final_answer: Any = None
+    done: bool = False
+    parse_error: bool = False
+    tool_error: bool = False
+
+
+class _Running:
+    """An episode in flight: its record, its environment (a sandbox for CodeAct) and the forced prefix if any."""
+
+    def __init__(self, episode: Episode, environment: Any, prefix: str):
+        self.episode = episode
+        self.environment = environment
+        self.prefix = prefix
+
+
+class Agent(ABC):
+    """The loop shared by both formats; subclasses say how to prompt, where to stop and how to act."""
+
+    stop: tuple[str, ...] = ()
+
+    def __init__(self, tools: Mapping[str, Callable[..., Any]], *, max_steps: int, sampling: SamplingParams | None,
+                 system_prompt: str | None):
+        if max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+        self.tools = dict(tools)
+        self.max_steps = max_steps
+        self.sampling = sampling or SamplingParams()
+        if self.sampling.n != 1:
+            raise ValueError("An agent takes one reply per step: set SamplingParams.n to 1.")
+        self.system_prompt = system_prompt if system_prompt is not None else self.default_system_prompt()
+
+    @abstractmethod
+    def default_system_prompt(self) -> str: ...
+
+    @abstractmethod
+    def task_message(self, question: str) -> str: ...
+
+    @abstractmethod
+    def act(self, environment: Any, reply: str, completion: Completion) -> _Step: ...
+
+    def open_environment(self) -> Any:
+        """Per-episode state for the tools (CodeAct: a sandbox); None when the tools are stateless."""
+        return None
+
+    def close_environment(self, environment: Any) -> None:
+        """Release what `open_environment` made."""
+
+    def observation_message(self, observation: str) -> dict[str, str]:
+        return {"role": "user", "content": f"Observation:\n{observation}"}
+
+    def run(self, backend: GenerationBackend, tasks: Iterable[Task], *, batch_size: int = 16,
+            prefixes: Mapping[str, str] | None = None) -> Iterator[Episode]:
+        """Run `tasks` with up to `batch_size` in flight; yield each episode when it ends (not in task order).
+
+        `prefixes` maps task ids to text forced at the start of the first reply (the first-thought prefix).
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        pending = iter(tasks)
+        active: list[_Running] = []
+        with ThreadPoolExecutor(max_workers=batch_size, thread_name_prefix="agent-step") as pool:
+            try:
+                while True:
+                    starting = [task for task in _take(pending, batch_size - len(active))]
+                    for running in pool.map(lambda task: self._start(task, prefixes), starting):
+                        if running.episode.stop_reason is None:
+                            active.append(running)
+                        else:
+                            yield running.episode
+                    if not active:
+                        return
+                    requests = [self._request(running) for running in active]
+                    replies = backend.generate(requests)
+                    list(pool.map(self._advance, active, [completions[0] for completions in replies]))
+                    still_running = []
+                    for running in active:
+                        if running.episode.stop_reason is None:
+                            still_running.append(running)
+                        else:
+                            self.close_environment(running.environment)
+                            yield running.episode
+                    active = still_running
+            finally:
+                for running in active:
+                    self.close_environment(running.environment)
+
+    def _start(self, task: Task, prefixes: Mapping[str, str] | None) -> _Running:
+        messages = [
+            {"role": "system", "content": self.system_prompt},
+            {"role": "user", "content": self.task_message(task.question)},
+        ]
+        episode = Episode(task=task, messages=messages)
+        try:
+            environment = self.open_environment()
+        except SandboxError as error:
+            episode.stop_reason = "error"
+            episode.errors.append(f"the environment could not be started: {error}")
+            environment = None
+        return _Running(episode, environment, (prefixes or {}).get(task.task_id, ""))
+
+    def _request(self, running: _Running) -> GenerationRequest:
+        return GenerationRequest(
+            messages=running.episode.messages, sampling=self.sampling, stop=self.stop, prefix=running.prefix
+        )
+
+    def _advance(self, running: _Running, completion: Completion) -> None:
+        episode = running.episode
+        step = self.act(running.environment, running.prefix + completion.text, completion)
+        running.prefix = ""  # only the first reply is forced
+        episode.steps += 1
+        episode.messages.append({"role": "assistant", "content": step.content})
+        episode.parse_errors += step.parse_error
+        episode.tool_errors += step.tool_error
+        if step.done:
+            episode.final_answer = None if step.final_answer is None else str(step.final_answer)
+            episode.stop_reason = "final_answer"
+            return
+        if step.observation is not None:
+            if step.parse_error or step.tool_error:
+                episode.errors.append(f"step {episode.steps}: {step.observation}")
+            episode.messages.append(self.observation_message(step.observation))
+        if episode.steps >= self.max_steps:
+            episode.stop_reason = "max_steps"
+
+
+def _take(iterator: Iterator[Task], count: int) -> list[Task]:
+    taken = []
+    for _ in range(count):
+        task = next(iterator, None)
+        if task is None:
+            break
+        taken.append(task)
+    return taken
+
+
+# ---------------------------------------------------------------------------------------------- CodeAct
+_CODE_BLOCK = re.compile(r"```(?:py|python)?[ \t]*\n(?P<code>.*?)```|<code>(?P<tagged>.*?)</code>", re.DOTALL)
+_CODE_OPEN = re.compile(r"```(?:py|python)?[ \t]*\n|<code>")
+END_CODE = "<end_code>"
+
+
+class CodeActAgent(Agent):
+    """Thought / Code / Observation cycles; the code runs in a persistent per-episode `PythonSandbox`.
+
+    Args:
+        tools: Python functions callable from the agent's code under these names (e.g. a `RetrievalTool` as
+            `web_search`); `final_answer` is built in.
+        max_steps: replies before the episode ends unanswered.
+        sampling: how the backend samples each reply.
+        system_prompt: replaces the default prompt (which lists the tools with `describe_tool`).
+        sandbox_options: keyword arguments for `PythonSandbox` (`timeout`, `memory_limit_mb`, `allowed_imports`,
+            `max_output_chars` ...).
+    """
+
+    stop = (END_CODE, "Observation:")
+
+    def __init__(self, tools: Mapping[str, Callable[..., Any]], *, max_steps: int = 5,
+                 sampling: SamplingParams | None = None, system_prompt: str | None = None,
+                 sandbox_options: Mapping[str, Any] | None = None):
+        self.sandbox_options = dict(sandbox_options or {})
+        super().__init__(tools, max_steps=max_steps, sampling=sampling, system_prompt=system_prompt)
+
+    def default_system_prompt(self) -> str:
+        tools = [describe_tool(name, tool) for name, tool in self.tools.items()]
+        tools.append("final_answer(answer: any) -> any: returns the final answer to the task.")
+        return (
+            "You are an expert assistant who solves tasks with Python code. Work in cycles of 'Thought:', "
+            "'Code:' and 'Observation:'.\n"
+            "In 'Thought:', explain your reasoning and which tools you want to use.\n"
+            "In 'Code:', write Python in a block that starts with '```py' and ends with '```<end_code>'. "
+            "Print what you need: printed output comes back in the next 'Observation:'.\n"
+            "Finish by calling final_answer.\n\n"
+            "You can use these tools:\n" + "\n".join(f"- {line}" for line in tools)
+        )
+
+    def task_message(self, question: str) -> str:
+        return f"New task:\n{question}"
+
+    def open_environment(self) -> PythonSandbox:
+        return PythonSandbox(tools=self.tools, **self.sandbox_options)
+
+    def close_environment(self, environment: PythonSandbox | None) -> None:
+        if environment is not None:
+            environment.close()
+
+    def act(self, environment: PythonSandbox, reply: str, completion: Completion) -> _Step:
+        block = _CODE_BLOCK.search(reply)
+        if block is None:
+            return _Step(content=reply.rstrip(), observation=self._parse_error(reply, completion), parse_error=True)
+        # Keep the reply up to its code block: anything after it was never executed. The stop string is not in
+        # the reply, so it is written back (the student must learn to emit it).
+        content = reply[: block.end()]
+        if block.group("code") is not None:
+            content += END_CODE
+        code = block.group("code") if block.group("code") is not None else block.group("tagged")
+        observation = environment.run(code)
+        if observation.has_final_answer:
+            return _Step(content=content, final_answer=observation.final_answer, done=True)
+        return _Step(content=content, observation=observation.text, tool_error=observation.error)
+
+    @staticmethod
+    def _parse_error(reply: str, completion: Completion) -> str:
+        if _CODE_OPEN.search(reply):
+            cause = "The code block is not closed"
+            if completion.finish_reason == "length":
+                cause += " (the reply ran out of tokens; write shorter code)"
+        else:
+            cause = "No code block was found in the reply"
+        return (
+            f"Error:\n{cause}. Write your code after 'Code:' in a block that starts with '```py' and ends with "
+            "'```<end_code>', and call final_answer(...) to give the answer."
+        )
+
+
+# ---------------------------------------------------------------------------------------------- ReAct
+# `Action: Tool[argument]`, or a bare `Finish[answer]` line (both are ACT spans for the segmenter).
+_REACT_ACTION = re.compile(
+    r"^[ \t]*(?:Action[ \t]*\d*[ \t]*:[ \t]*(?P<tool>[A-Za-z_][\w-]*)|(?P<finish>Finish))"
+    r"[ \t]*\[(?P<argument>.*)\][ \t]*$",
+    re.MULTILINE | re.IGNORECASE,
+)
+FINISH = "Finish"
+
+
+class ReActAgent(Agent):
+    """Thought / Action / Observation text cycles; `Action: Tool[argument]` calls `tools[Tool](argument)`.
+
+    Tools take one string and return the observation text (a `RetrievalTool` fits as `Search`); `Finish[answer]`
+    ends the episode. Tool names match case-insensitively.
+    """
+
+    stop = ("\nObservation",)
+
+    def __init__(self, tools: Mapping[str, Callable[[str], Any]], *, max_steps: int = 7,
+                 sampling: SamplingParams | None = None, system_prompt: str | None = None):
+        for name in tools:
+            if not re.fullmatch(r"[A-Za-z_][\w-]*", name) or name.lower() == FINISH.lower():
+                raise ValueError(f"ReAct tool name {name!r} must be a single word other than {FINISH}.")
+        super().__init__(tools, max_steps=max_steps, sampling=sampling, system_prompt=system_prompt)
+        self._by_lower_name = {name.lower(): name for name in self.tools}
+
+    def default_system_prompt(self) -> str:
+        actions = [f"{name}[argument]: {_summary(tool)}" for name, tool in self.tools.items()]
+        actions.append(f"{FINISH}[answer]: returns the answer and finishes the task.")
+        return (
+            "Solve the question with interleaving Thought, Action and Observation steps. Thought reasons about the "
+            "current situation; Action is one line 'Action: Tool[argument]' with one of these tools:\n"
+            + "\n".join(f"- {line}" for line in actions)
+        )
+
+    def task_message(self, question: str) -> str:
+        return f"Question: {question}"
+
+    def observation_message(self, observation: str) -> dict[str, str]:
+        return {"role": "user", "content": f"Observation: {observation}"}
+
+    def act(self, environment: None, reply: str, completion: Completion) -> _Step:
+        action = _REACT_ACTION.search(reply)
+        if action is None:
+            return _Step(content=reply.rstrip(), observation=self._parse_error(completion), parse_error=True)
+        content = reply[: action.end()]  # what the model wrote after its action was never executed
+        tool, argument = action.group("tool") or action.group("finish"), action.group("argument").strip()
+        if tool.lower() == FINISH.lower():
+            return _Step(content=content, final_answer=argument, done=True)
+        name = self._by_lower_name.get(tool.lower())
+        if name is None:
+            known = ", ".join([*self.tools, FINISH])
+            return _Step(content=content, observation=f"Error: unknown tool '{tool}'; use one of {known}.",
+                         tool_error=True)
+        try:
+            return _Step(content=content, observation=str(self.tools[name](argument)))
+        except Exception as error:  # a tool's failure is something the agent must see and recover from
+            return _Step(content=content, observation=f"Error: {name}[{argument}] failed: {error}", tool_error=True)
+
+    def _parse_error(self, completion: Completion) -> str:
+        cause = "the reply ran out of tokens before an action" if completion.finish_reason == "length" else (
+            "no action was found"
+        )
+        return (
+            f"Error: {cause}. After your thought write one line 'Action: Tool[argument]', using one of "
+            f"{', '.join([*self.tools, FINISH])}."
+        )
