@@ -1,9 +1,11 @@
 """`trl-agent-distill`: the command line.
 
+    trl-agent-distill generate --config recipes/generate-hotpotqa-codeact.yaml
     trl-agent-distill train --config recipes/toy_cpu.yaml [--flag value ...]
     trl-agent-distill cache-teacher --config recipes/toy_cpu.yaml --teacher_cache outputs/toy_cache
     trl-agent-distill init-tiny --output_dir outputs/toy
 
+`generate` runs a teacher as an agent over a task dataset and writes its correct trajectories (see `generation`).
 `train` parses a recipe with TRL's `TrlParser` (flat keys across the script, trainer, model and dataset-mixture
 dataclasses; command-line flags override the YAML) and runs `AgentDistillTrainer`; it also works under
 `accelerate launch -m trl_agent_distill train ...`. Recipes are checked (unknown keys, wrong types) before any model
@@ -13,6 +15,7 @@ loads. `init-tiny` writes a tiny teacher / student pair for the CPU demo and tes
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -22,8 +25,6 @@ import yaml
 
 from .config import AgentDistillConfig
 from .data import DATASET_FORMATS
-
-_LOCAL_DATA_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 @dataclass
@@ -58,7 +59,19 @@ def make_train_parser():
 
 def parse_train_args(argv: list[str]):
     """Parse `train` arguments, failing on unknown recipe keys or wrongly typed values before anything loads."""
-    parser = make_train_parser()
+    return _parse_checked(make_train_parser(), argv)
+
+
+def parse_generate_args(argv: list[str]):
+    from trl import TrlParser
+
+    from .generation import GenerateConfig
+
+    (config,) = _parse_checked(TrlParser((GenerateConfig,), prog="trl-agent-distill generate"), argv)
+    return config
+
+
+def _parse_checked(parser, argv: list[str]):
     if "--config" in argv:
         config_path = argv[argv.index("--config") + 1]
         check_recipe(parser, config_path)
@@ -78,7 +91,7 @@ def check_recipe(parser: argparse.ArgumentParser, config_path: str) -> None:
     if unknown:
         raise ValueError(
             f"Recipe {config_path}: unknown key(s) {unknown}. Check the spelling against "
-            "`trl-agent-distill train --help`."
+            f"`{parser.prog} --help`."
         )
     for key, value in config.items():
         if key == "env" or value is None:
@@ -107,24 +120,19 @@ def _is_structured(value) -> bool:
 
 def load_trajectory_splits(script_args: AgentDistillScriptArguments, dataset_args):
     """Load the training data from a `datasets:` mixture, a hub name, a directory or a local file."""
-    from datasets import DatasetDict, load_dataset, load_from_disk
+    from datasets import DatasetDict
     from trl import get_dataset
 
-    from .data import prepare_trajectory_dataset
+    from .data import load_any_dataset, prepare_trajectory_dataset
 
     if dataset_args.datasets:
         dataset = get_dataset(dataset_args)
     elif script_args.dataset_name is None:
         raise ValueError("No training data: set `dataset_name` or a `datasets:` mixture in the recipe.")
     else:
-        name = script_args.dataset_name
-        builder = _LOCAL_DATA_BUILDERS.get(Path(name).suffix)
-        if builder and Path(name).is_file():
-            dataset = load_dataset(builder, data_files={script_args.dataset_train_split: name})
-        elif Path(name, "dataset_dict.json").is_file() or Path(name, "dataset_info.json").is_file():
-            dataset = load_from_disk(name)
-        else:
-            dataset = load_dataset(name, name=script_args.dataset_config)
+        dataset = load_any_dataset(
+            script_args.dataset_name, script_args.dataset_config, local_split=script_args.dataset_train_split
+        )
     if not isinstance(dataset, DatasetDict):
         dataset = DatasetDict({script_args.dataset_train_split: dataset})
     return DatasetDict(
@@ -248,7 +256,17 @@ def init_tiny(argv: list[str]) -> None:
     print(f"teacher: {teacher}\nstudent: {student}")
 
 
+def generate(config) -> dict:
+    from .generation import generate_trajectories
+
+    summary = generate_trajectories(config)
+    print(json.dumps(summary, indent=2))
+    print(f"Kept {summary['kept']} of {summary['episodes']} trajectories in {Path(config.output_dir, 'trajectories.jsonl')}")
+    return summary
+
+
 COMMANDS = {
+    "generate": "run a teacher as an agent over tasks and keep its correct trajectories",
     "train": "distill a student from a recipe",
     "cache-teacher": "run the recipe's teacher once and store its top-k log-probs (then train with teacher_cache)",
     "init-tiny": "write the tiny CPU demo models",
@@ -269,6 +287,8 @@ def run(argv: list[str] | None = None):
         raise SystemExit(0 if not argv or argv[0] in ("-h", "--help") else 2)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     command, rest = argv[0], argv[1:]
+    if command == "generate":
+        return generate(parse_generate_args(rest))
     if command == "train":
         return train(*parse_train_args(rest))
     if command == "cache-teacher":

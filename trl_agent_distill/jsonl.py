@@ -1,0 +1,69 @@
+"""Append-only JSONL files that survive being killed: one complete line per record, flushed to disk as it goes.
+
+Long jobs (`generate`, `eval`) write each finished episode at once, so a killed run loses only the episodes in flight
+and a re-run skips what is already there. Each record is written with a single `write` of the whole line and
+fsynced; if the machine dies mid-line anyway, the torn last line is cut off when the file is opened again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class ResumableJsonl:
+    """A JSONL file of records, read back on open (torn tail removed) and appended to durably."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.records = self._read_and_repair()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        written = os.write(self._fd, line)
+        if written != len(line):  # a full disk: cut the torn line now rather than leave it for the next reader
+            os.ftruncate(self._fd, os.lseek(self._fd, 0, os.SEEK_END) - written)
+            raise OSError(f"Could not write a whole record to {self.path} (disk full?).")
+        os.fsync(self._fd)
+        self.records.append(record)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> ResumableJsonl:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def _read_and_repair(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        data = self.path.read_bytes()
+        complete = data[: data.rfind(b"\n") + 1]
+        if len(complete) < len(data):
+            logger.warning("%s ended in a torn line (a run was killed while writing); it was removed.", self.path)
+            with open(self.path, "r+b") as file:
+                file.truncate(len(complete))
+                os.fsync(file.fileno())
+        records = []
+        for number, line in enumerate(complete.decode().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"{self.path}, line {number}: not valid JSON ({error.msg}); the file was edited or corrupted. "
+                    "Fix or delete that line, or write to a new output directory."
+                ) from None
+        return records
