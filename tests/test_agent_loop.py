@@ -290,3 +290,22 @@ def test_react_rejects_tool_names_it_cannot_parse():
         ReActAgent({"web search": towns})
     with pytest.raises(ValueError, match="Finish"):
         ReActAgent({"finish": towns})
+
+
+def test_an_environment_that_cannot_start_ends_only_its_episode():
+    from trl_agent_distill.agent import SandboxError
+
+    agent = CodeActAgent({}, max_steps=2)
+    original, calls = agent.open_environment, []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 1:
+            raise SandboxError("no processes left")
+        return original()
+
+    agent.open_environment = flaky
+    episodes = list(agent.run(scripted(ANSWER.replace("total", "3")), [Task("a", "q"), Task("b", "q")], batch_size=1))
+    by_id = {e.task.task_id: e for e in episodes}
+    assert by_id["a"].stop_reason == "error" and "could not be started: no processes left" in by_id["a"].errors[0]
+    assert by_id["b"].answered and by_id["b"].final_answer == "3"

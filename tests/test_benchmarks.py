@@ -23,3 +23,17 @@ def test_loss_memory_reports_agreeing_implementations():
         assert result["status"] == "ok"
         assert result["peak_memory_mb"] > 0 and result["time_ms"] > 0 and math.isfinite(result["loss"])
         assert result["max_abs_diff_vs_ours"] < 1e-4
+
+
+def test_generation_benchmark_runs_every_episode_at_each_batch_size():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "generation.py"
+    command = [sys.executable, str(script), "--episodes", "4", "--batch-sizes", "1", "4", "--steps", "2",
+               "--new-tokens", "6", "--hidden", "32", "--layers", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert [r["batch_size"] for r in report["results"]] == [1, 4]
+    for result in report["results"]:
+        assert result["episodes"] == 4 and result["steps"] == 8  # random weights never answer: max steps each
+        assert result["episodes_per_second"] > 0
+    assert report["results"][0]["speedup_vs_first"] == 1.0

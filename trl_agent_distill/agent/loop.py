@@ -20,7 +20,7 @@ import inspect
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -102,9 +102,9 @@ class _Step:
 
 
 class _Running:
-    """An episode in flight: its record, its environment (a sandbox for CodeAct) and the forced prefix if any."""
+    """An episode in flight: its record, its environment being opened (a sandbox for CodeAct), its forced prefix."""
 
-    def __init__(self, episode: Episode, environment: Any, prefix: str):
+    def __init__(self, episode: Episode, environment: Future, prefix: str):
         self.episode = episode
         self.environment = environment
         self.prefix = prefix
@@ -158,42 +158,38 @@ class Agent(ABC):
         with ThreadPoolExecutor(max_workers=batch_size, thread_name_prefix="agent-step") as pool:
             try:
                 while True:
-                    starting = [task for task in _take(pending, batch_size - len(active))]
-                    for running in pool.map(lambda task: self._start(task, prefixes), starting):
-                        if running.episode.stop_reason is None:
-                            active.append(running)
-                        else:
-                            yield running.episode
+                    # Environments open in the background while the backend writes the first replies.
+                    active += [self._start(task, prefixes, pool) for task in _take(pending, batch_size - len(active))]
                     if not active:
                         return
-                    requests = [self._request(running) for running in active]
-                    replies = backend.generate(requests)
+                    replies = backend.generate([self._request(running) for running in active])
                     list(pool.map(self._advance, active, [completions[0] for completions in replies]))
                     still_running = []
                     for running in active:
                         if running.episode.stop_reason is None:
                             still_running.append(running)
                         else:
-                            self.close_environment(running.environment)
+                            self._close(running)
                             yield running.episode
                     active = still_running
             finally:
                 for running in active:
-                    self.close_environment(running.environment)
+                    self._close(running)
 
-    def _start(self, task: Task, prefixes: Mapping[str, str] | None) -> _Running:
+    def _start(self, task: Task, prefixes: Mapping[str, str] | None, pool: ThreadPoolExecutor) -> _Running:
         messages = [
             {"role": "system", "content": self.system_prompt},
             {"role": "user", "content": self.task_message(task.question)},
         ]
-        episode = Episode(task=task, messages=messages)
+        prefix = (prefixes or {}).get(task.task_id, "")
+        return _Running(Episode(task=task, messages=messages), pool.submit(self.open_environment), prefix)
+
+    def _close(self, running: _Running) -> None:
         try:
-            environment = self.open_environment()
-        except SandboxError as error:
-            episode.stop_reason = "error"
-            episode.errors.append(f"the environment could not be started: {error}")
-            environment = None
-        return _Running(episode, environment, (prefixes or {}).get(task.task_id, ""))
+            environment = running.environment.result()
+        except SandboxError:
+            return  # it never opened
+        self.close_environment(environment)
 
     def _request(self, running: _Running) -> GenerationRequest:
         return GenerationRequest(
@@ -202,7 +198,13 @@ class Agent(ABC):
 
     def _advance(self, running: _Running, completion: Completion) -> None:
         episode = running.episode
-        step = self.act(running.environment, running.prefix + completion.text, completion)
+        try:
+            environment = running.environment.result()
+        except SandboxError as error:
+            episode.stop_reason = "error"
+            episode.errors.append(f"the environment could not be started: {error}")
+            return
+        step = self.act(environment, running.prefix + completion.text, completion)
         running.prefix = ""  # only the first reply is forced
         episode.steps += 1
         episode.messages.append({"role": "assistant", "content": step.content})
