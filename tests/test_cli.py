@@ -2,10 +2,12 @@ from pathlib import Path
 
 import pytest
 
-from trl_agent_distill.cli import main, parse_train_args
+from trl_agent_distill.cli import main, parse_generate_args, parse_train_args
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+# Recipes are named after their command: `generate-*.yaml` for `generate`, the rest for `train`.
+GENERATE_RECIPES = sorted((ROOT / "recipes").glob("generate-*.yaml"))
+RECIPES = sorted(set((ROOT / "recipes").glob("*.yaml")) - set(GENERATE_RECIPES))
 
 
 def test_there_are_the_documented_recipes():
@@ -17,6 +19,14 @@ def test_there_are_the_documented_recipes():
         "token-kd-baseline.yaml",
         "sft-baseline.yaml",
     } <= names
+    assert "generate-hotpotqa-codeact.yaml" in {path.name for path in GENERATE_RECIPES}
+
+
+@pytest.mark.parametrize("recipe", GENERATE_RECIPES, ids=lambda path: path.name)
+def test_every_generate_recipe_parses_without_loading_anything(recipe):
+    config = parse_generate_args(["--config", str(recipe)])
+    assert config.model_name_or_path and config.dataset_name and config.retrieval_corpus
+    assert config.first_thought_prefix and config.keep_only_correct
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.name)
