@@ -309,3 +309,83 @@ def test_an_environment_that_cannot_start_ends_only_its_episode():
     by_id = {e.task.task_id: e for e in episodes}
     assert by_id["a"].stop_reason == "error" and "could not be started: no processes left" in by_id["a"].errors[0]
     assert by_id["b"].answered and by_id["b"].final_answer == "3"
+
+
+# ---------------------------------------------------------------------------------------------- self-consistency
+def candidates_policy(*steps):
+    """Step k of every episode gets the candidate list steps[k] (n replies at once)."""
+    return PolicyBackend(lambda request: steps[min(step_of(request), len(steps) - 1)])
+
+
+def block(body: str, thought: str = "t") -> str:
+    return f"Thought: {thought}\nCode:\n```py\n{body}\n```<end_code>"
+
+
+def test_majority_vote_rules():
+    from trl_agent_distill.agent.loop import majority
+
+    assert majority([("a",), ("b",), ("b",), ("a",), ("b",)]) == (1, [3, 2])
+    assert majority([None, ("x",), ("y",)]) == (1, [1, 1])  # all singletons: the first valid one
+    assert majority([("x",), ("y",), ("y",), ("x",)]) == (0, [2, 2])  # a tie goes to the group seen first
+    assert majority([None, None]) == (0, [])  # nothing valid: the first sample
+
+
+def test_self_consistency_takes_the_majority_and_rejected_candidates_leave_no_trace():
+    step1 = [block("leak = 'rejected'\nprint(1)"), block("x = 2\nprint(2)"), "no code at all",
+             block("x = 2\nprint(2)"), block("raise ValueError('bad')")]
+    step2 = [block("final_answer((x, 'leak' in dir()))")] * 5
+    agent = CodeActAgent({}, max_steps=3, self_consistency={"n": 5, "temperature": 0.4, "top_p": 0.8})
+    (episode,) = list(agent.run(candidates_policy(step1, step2), [Task("t", "q")]))
+    assert episode.final_answer == "(2, False)"  # the majority's state was kept, the rejected variable did not leak
+    assert episode.votes[0] == {"step": 1, "candidates": 5, "valid": 3, "group_sizes": [2, 1], "chosen": 1}
+    assert episode.votes[1]["group_sizes"] == [5] and episode.votes[1]["chosen"] == 0
+    assert episode.messages[2]["content"] == block("x = 2\nprint(2)")
+    assert episode.messages[3]["content"] == "Observation:\nExecution logs:\n2\nLast output from code snippet:\nNone"
+    assert episode.parse_errors == 0 and episode.tool_errors == 0
+
+
+def test_self_consistency_groups_silent_final_answers_by_value():
+    step = [block("final_answer(1)"), block("final_answer(2)"), block("final_answer(2)")]
+    agent = CodeActAgent({}, max_steps=1, self_consistency={"n": 3})
+    (episode,) = list(agent.run(candidates_policy(step), [Task("t", "q")]))
+    assert episode.final_answer == "2" and episode.votes[0]["group_sizes"] == [2, 1]
+
+
+def test_self_consistency_with_no_valid_candidate_takes_the_first_sample():
+    step = [block("raise KeyError('first')"), "unparseable", block("1/0")]
+    agent = CodeActAgent({}, max_steps=1, self_consistency={"n": 3})
+    (episode,) = list(agent.run(candidates_policy(step), [Task("t", "q")]))
+    assert episode.votes[0] == {"step": 1, "candidates": 3, "valid": 0, "group_sizes": [], "chosen": 0}
+    assert "KeyError: 'first'" in episode.messages[3]["content"] and episode.tool_errors == 1
+
+
+def test_self_consistency_samples_n_candidates_in_one_batched_call(make_model, tiny_tokenizer):
+    model = make_model("student", hidden_size=32)
+    calls = []
+    original = model.generate
+
+    def counting(*args, **kwargs):
+        calls.append((kwargs["input_ids"].shape[0], kwargs["generation_config"].num_return_sequences))
+        return original(*args, **kwargs)
+
+    model.generate = counting
+    backend = TransformersBackend(model, tiny_tokenizer, batch_size=8)
+    agent = CodeActAgent({}, max_steps=1, sampling=SamplingParams(max_new_tokens=6),
+                         self_consistency={"n": 4, "temperature": 0.4, "top_p": 0.8})
+    episodes = list(agent.run(backend, [Task("a", "q1"), Task("b", "q2")]))
+    assert calls == [(2, 4)]  # two episodes, four candidates each, one generate call
+    assert all(e.votes[0]["candidates"] == 4 for e in episodes)
+
+
+def test_react_self_consistency_votes_on_the_normalised_action():
+    step = ["Thought: a\nAction: Search[Velmora]", "Thought: b\nAction: search[ velmora ]",
+            "Thought: c\nAction: Search[Brannoch]", "Thought: d\nAction: Teleport[x]"]
+    agent = ReActAgent({"Search": towns}, max_steps=1, self_consistency={"n": 4})
+    (episode,) = list(agent.run(candidates_policy(step), [Task("r", "q")]))
+    assert episode.votes[0] == {"step": 1, "candidates": 4, "valid": 3, "group_sizes": [2, 1], "chosen": 0}
+    assert episode.messages[3]["content"] == "Observation: Velmora: population 4,210."
+
+
+def test_self_consistency_needs_two_candidates():
+    with pytest.raises(ValueError, match="n >= 2"):
+        CodeActAgent({}, self_consistency={"n": 1})

@@ -10,7 +10,7 @@ from .backends import (
     SamplingParams,
     TransformersBackend,
 )
-from .loop import Agent, CodeActAgent, Episode, ReActAgent, Task, describe_tool
+from .loop import Agent, CodeActAgent, Episode, ReActAgent, SelfConsistency, Task, describe_tool
 from .retrieval import Document, RetrievalTool
 from .sandbox import DEFAULT_ALLOWED_IMPORTS, Observation, PythonSandbox, SandboxError
 
@@ -32,6 +32,7 @@ __all__ = [
     "RetrievalTool",
     "SamplingParams",
     "SandboxError",
+    "SelfConsistency",
     "Task",
     "TransformersBackend",
     "describe_tool",

@@ -24,8 +24,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..metrics import normalize_answer
 from .backends import Completion, GenerationBackend, GenerationRequest, SamplingParams
-from .sandbox import PythonSandbox, SandboxError
+from .sandbox import Observation, PythonSandbox, SandboxError
 
 STOP_REASONS = ("final_answer", "max_steps", "error")
 
@@ -39,12 +40,29 @@ class Task:
     answer: Any = None
 
 
+@dataclass(frozen=True)
+class SelfConsistency:
+    """Self-consistent action generation (Agent Distillation paper): sample `n` candidate actions per step in one
+    batched call, drop those that fail to parse or to run, and take the majority by execution result."""
+
+    n: int = 8
+    temperature: float = 0.4
+    top_p: float = 0.8
+
+    def __post_init__(self) -> None:
+        if self.n < 2:
+            raise ValueError(f"self-consistency needs n >= 2 candidates, got {self.n}")
+        SamplingParams(temperature=self.temperature, top_p=self.top_p)  # same checks as any sampling
+
+
 @dataclass
 class Episode:
     """One task's trajectory as chat `messages`, with what happened along the way.
 
     `stop_reason` is `"final_answer"` (the agent answered), `"max_steps"` (it ran out of steps) or `"error"`
-    (its environment failed, e.g. the sandbox could not start; the reason is in `errors`).
+    (its environment failed, e.g. the sandbox could not start; the reason is in `errors`). With self-consistency,
+    `votes` records per step how many candidates there were, how many were valid, the sizes of the groups of equal
+    results (largest first) and the index of the chosen candidate.
     """
 
     task: Task
@@ -55,6 +73,8 @@ class Episode:
     final_answer: str | None = None
     stop_reason: str | None = None
     errors: list[str] = field(default_factory=list)
+    # One entry per self-consistent step: {"step", "candidates", "valid", "group_sizes", "chosen"}.
+    votes: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def answered(self) -> bool:
@@ -101,6 +121,31 @@ class _Step:
     tool_error: bool = False
 
 
+@dataclass
+class _Choice:
+    """The candidate self-consistency picked: its step, the environment to go on in, and the vote."""
+
+    step: _Step
+    environment: Any
+    vote: dict[str, Any]
+
+
+def majority(keys: list[Any]) -> tuple[int, list[int]]:
+    """Index of the first member of the largest group of equal non-None keys, and the group sizes (largest first).
+
+    Ties go to the group seen first, so when every group has one member the first valid candidate wins; when no key
+    is valid the first candidate is taken.
+    """
+    groups: dict[Any, list[int]] = {}
+    for index, key in enumerate(keys):
+        if key is not None:
+            groups.setdefault(key, []).append(index)
+    if not groups:
+        return 0, []
+    winner = max(groups.values(), key=lambda members: (len(members), -members[0]))
+    return winner[0], sorted((len(members) for members in groups.values()), reverse=True)
+
+
 class _Running:
     """An episode in flight: its record, its environment being opened (a sandbox for CodeAct), its forced prefix."""
 
@@ -109,6 +154,10 @@ class _Running:
         self.environment = environment
         self.prefix = prefix
 
+    def replace_environment(self, environment: Any) -> None:
+        self.environment = Future()
+        self.environment.set_result(environment)
+
 
 class Agent(ABC):
     """The loop shared by both formats; subclasses say how to prompt, where to stop and how to act."""
@@ -116,14 +165,21 @@ class Agent(ABC):
     stop: tuple[str, ...] = ()
 
     def __init__(self, tools: Mapping[str, Callable[..., Any]], *, max_steps: int, sampling: SamplingParams | None,
-                 system_prompt: str | None):
+                 system_prompt: str | None, self_consistency: SelfConsistency | Mapping[str, Any] | None):
         if max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {max_steps}")
         self.tools = dict(tools)
         self.max_steps = max_steps
         self.sampling = sampling or SamplingParams()
         if self.sampling.n != 1:
-            raise ValueError("An agent takes one reply per step: set SamplingParams.n to 1.")
+            raise ValueError("An agent takes one reply per step: set SamplingParams.n to 1 (use self_consistency "
+                             "to sample several candidates).")
+        if isinstance(self_consistency, Mapping):
+            self_consistency = SelfConsistency(**self_consistency)
+        self.self_consistency = self_consistency
+        if self_consistency is not None:
+            self.sampling = SamplingParams(temperature=self_consistency.temperature, top_p=self_consistency.top_p,
+                                           max_new_tokens=self.sampling.max_new_tokens, n=self_consistency.n)
         self.system_prompt = system_prompt if system_prompt is not None else self.default_system_prompt()
 
     @abstractmethod
@@ -134,6 +190,10 @@ class Agent(ABC):
 
     @abstractmethod
     def act(self, environment: Any, reply: str, completion: Completion) -> _Step: ...
+
+    @abstractmethod
+    def choose(self, environment: Any, replies: list[str], completions: list[Completion]) -> _Choice:
+        """Pick one of several candidate replies (self-consistency) and act on it."""
 
     def open_environment(self) -> Any:
         """Per-episode state for the tools (CodeAct: a sandbox); None when the tools are stateless."""
@@ -163,7 +223,7 @@ class Agent(ABC):
                     if not active:
                         return
                     replies = backend.generate([self._request(running) for running in active])
-                    list(pool.map(self._advance, active, [completions[0] for completions in replies]))
+                    list(pool.map(self._advance, active, replies))
                     still_running = []
                     for running in active:
                         if running.episode.stop_reason is None:
@@ -196,7 +256,7 @@ class Agent(ABC):
             messages=running.episode.messages, sampling=self.sampling, stop=self.stop, prefix=running.prefix
         )
 
-    def _advance(self, running: _Running, completion: Completion) -> None:
+    def _advance(self, running: _Running, completions: list[Completion]) -> None:
         episode = running.episode
         try:
             environment = running.environment.result()
@@ -204,7 +264,15 @@ class Agent(ABC):
             episode.stop_reason = "error"
             episode.errors.append(f"the environment could not be started: {error}")
             return
-        step = self.act(environment, running.prefix + completion.text, completion)
+        replies = [running.prefix + completion.text for completion in completions]
+        if len(completions) == 1:
+            step = self.act(environment, replies[0], completions[0])
+        else:
+            choice = self.choose(environment, replies, completions)
+            step = choice.step
+            if choice.environment is not environment:
+                running.replace_environment(choice.environment)
+            episode.votes.append({"step": episode.steps + 1, **choice.vote})
         running.prefix = ""  # only the first reply is forced
         episode.steps += 1
         episode.messages.append({"role": "assistant", "content": step.content})
@@ -249,15 +317,21 @@ class CodeActAgent(Agent):
         system_prompt: replaces the default prompt (which lists the tools with `describe_tool`).
         sandbox_options: keyword arguments for `PythonSandbox` (`timeout`, `memory_limit_mb`, `allowed_imports`,
             `max_output_chars` ...).
+        self_consistency: sample this many candidates per step and keep the majority (see `SelfConsistency`):
+            each candidate runs in its own fork of the episode's sandbox, candidates that fail to parse or raise are
+            dropped, the rest are grouped by (printed output, final answer), and the chosen candidate's fork becomes
+            the episode's sandbox, so rejected candidates leave nothing behind.
     """
 
     stop = (END_CODE, "Observation:")
 
     def __init__(self, tools: Mapping[str, Callable[..., Any]], *, max_steps: int = 5,
                  sampling: SamplingParams | None = None, system_prompt: str | None = None,
-                 sandbox_options: Mapping[str, Any] | None = None):
+                 sandbox_options: Mapping[str, Any] | None = None,
+                 self_consistency: SelfConsistency | Mapping[str, Any] | None = None):
         self.sandbox_options = dict(sandbox_options or {})
-        super().__init__(tools, max_steps=max_steps, sampling=sampling, system_prompt=system_prompt)
+        super().__init__(tools, max_steps=max_steps, sampling=sampling, system_prompt=system_prompt,
+                         self_consistency=self_consistency)
 
     def default_system_prompt(self) -> str:
         tools = [describe_tool(name, tool) for name, tool in self.tools.items()]
@@ -283,6 +357,49 @@ class CodeActAgent(Agent):
             environment.close()
 
     def act(self, environment: PythonSandbox, reply: str, completion: Completion) -> _Step:
+        parsed = self._parse(reply, completion)
+        if isinstance(parsed, _Step):
+            return parsed
+        content, code = parsed
+        return self._step(content, environment.run(code))
+
+    def choose(self, environment: PythonSandbox, replies: list[str], completions: list[Completion]) -> _Choice:
+        parsed = [self._parse(reply, completion) for reply, completion in zip(replies, completions)]
+        forks: dict[int, PythonSandbox] = {}
+        observations: dict[int, Observation] = {}
+        try:
+            for index, candidate in enumerate(parsed):
+                if not isinstance(candidate, _Step):
+                    try:
+                        forks[index] = environment.fork()
+                    except SandboxError:  # no copy to try it in: the candidate cannot vote
+                        continue
+            runnable = list(forks)
+            with ThreadPoolExecutor(max_workers=max(1, len(runnable)), thread_name_prefix="candidate") as pool:
+                for index, observation in zip(runnable, pool.map(lambda i: forks[i].run(parsed[i][1]), runnable)):
+                    observations[index] = observation
+        except BaseException:
+            for fork in forks.values():
+                fork.close()
+            raise
+        keys = [
+            (observations[i].printed, repr(observations[i].final_answer) if observations[i].has_final_answer else None)
+            if i in observations and not observations[i].error else None
+            for i in range(len(replies))
+        ]
+        chosen, group_sizes = majority(keys)
+        for index, fork in forks.items():
+            if index != chosen:
+                fork.close()
+        vote = {"candidates": len(replies), "valid": sum(key is not None for key in keys), "group_sizes": group_sizes,
+                "chosen": chosen}
+        if chosen not in forks:  # no valid candidate and the first one never ran: act on it in the sandbox itself
+            return _Choice(self.act(environment, replies[chosen], completions[chosen]), environment, vote)
+        environment.close()
+        return _Choice(self._step(parsed[chosen][0], observations[chosen]), forks[chosen], vote)
+
+    def _parse(self, reply: str, completion: Completion) -> tuple[str, str] | _Step:
+        """`(content to store, code to run)`, or the parse-error step."""
         block = _CODE_BLOCK.search(reply)
         if block is None:
             return _Step(content=reply.rstrip(), observation=self._parse_error(reply, completion), parse_error=True)
@@ -291,8 +408,10 @@ class CodeActAgent(Agent):
         content = reply[: block.end()]
         if block.group("code") is not None:
             content += END_CODE
-        code = block.group("code") if block.group("code") is not None else block.group("tagged")
-        observation = environment.run(code)
+        return content, block.group("code") if block.group("code") is not None else block.group("tagged")
+
+    @staticmethod
+    def _step(content: str, observation: Observation) -> _Step:
         if observation.has_final_answer:
             return _Step(content=content, final_answer=observation.final_answer, done=True)
         return _Step(content=content, observation=observation.text, tool_error=observation.error)
@@ -325,17 +444,20 @@ class ReActAgent(Agent):
     """Thought / Action / Observation text cycles; `Action: Tool[argument]` calls `tools[Tool](argument)`.
 
     Tools take one string and return the observation text (a `RetrievalTool` fits as `Search`); `Finish[answer]`
-    ends the episode. Tool names match case-insensitively.
+    ends the episode. Tool names match case-insensitively. With `self_consistency`, candidates vote on their
+    normalised (tool, argument) pair; unparseable ones and unknown tools do not vote.
     """
 
     stop = ("\nObservation",)
 
     def __init__(self, tools: Mapping[str, Callable[[str], Any]], *, max_steps: int = 7,
-                 sampling: SamplingParams | None = None, system_prompt: str | None = None):
+                 sampling: SamplingParams | None = None, system_prompt: str | None = None,
+                 self_consistency: SelfConsistency | Mapping[str, Any] | None = None):
         for name in tools:
             if not re.fullmatch(r"[A-Za-z_][\w-]*", name) or name.lower() == FINISH.lower():
                 raise ValueError(f"ReAct tool name {name!r} must be a single word other than {FINISH}.")
-        super().__init__(tools, max_steps=max_steps, sampling=sampling, system_prompt=system_prompt)
+        super().__init__(tools, max_steps=max_steps, sampling=sampling, system_prompt=system_prompt,
+                         self_consistency=self_consistency)
         self._by_lower_name = {name.lower(): name for name in self.tools}
 
     def default_system_prompt(self) -> str:
@@ -358,8 +480,8 @@ class ReActAgent(Agent):
         if action is None:
             return _Step(content=reply.rstrip(), observation=self._parse_error(completion), parse_error=True)
         content = reply[: action.end()]  # what the model wrote after its action was never executed
-        tool, argument = action.group("tool") or action.group("finish"), action.group("argument").strip()
-        if tool.lower() == FINISH.lower():
+        tool, argument = self._action(action)
+        if tool == FINISH:
             return _Step(content=content, final_answer=argument, done=True)
         name = self._by_lower_name.get(tool.lower())
         if name is None:
@@ -370,6 +492,23 @@ class ReActAgent(Agent):
             return _Step(content=content, observation=str(self.tools[name](argument)))
         except Exception as error:  # a tool's failure is something the agent must see and recover from
             return _Step(content=content, observation=f"Error: {name}[{argument}] failed: {error}", tool_error=True)
+
+    def choose(self, environment: None, replies: list[str], completions: list[Completion]) -> _Choice:
+        keys = []
+        for reply in replies:
+            action = _REACT_ACTION.search(reply)
+            tool, argument = self._action(action) if action else (None, "")
+            known = tool == FINISH or (tool is not None and tool.lower() in self._by_lower_name)
+            keys.append((tool.lower(), normalize_answer(argument)) if known else None)
+        chosen, group_sizes = majority(keys)
+        vote = {"candidates": len(replies), "valid": sum(key is not None for key in keys), "group_sizes": group_sizes,
+                "chosen": chosen}
+        return _Choice(self.act(environment, replies[chosen], completions[chosen]), environment, vote)
+
+    @staticmethod
+    def _action(action: re.Match[str]) -> tuple[str, str]:
+        tool = action.group("tool") or action.group("finish")
+        return FINISH if tool.lower() == FINISH.lower() else tool, action.group("argument").strip()
 
     def _parse_error(self, completion: Completion) -> str:
         cause = "the reply ran out of tokens before an action" if completion.finish_reason == "length" else (
