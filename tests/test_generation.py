@@ -18,7 +18,8 @@ from trl_agent_distill.agent import PolicyBackend
 from trl_agent_distill.cli import run as cli_run
 from trl_agent_distill.collator import AgentTrajectoryCollator
 from trl_agent_distill.data import prepare_trajectory_dataset
-from trl_agent_distill.generation import GenerateConfig, first_paragraph, generate_trajectories, load_tasks
+from trl_agent_distill.generation import GenerateConfig, first_paragraph, generate_trajectories
+from trl_agent_distill.tasks import load_tasks
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -67,3 +67,19 @@ class ResumableJsonl:
                     "Fix or delete that line, or write to a new output directory."
                 ) from None
         return records
+
+
+def check_same_settings(path: Path, settings: dict[str, Any]) -> None:
+    """Record a run's settings in `path`, or refuse to resume a run whose recorded settings differ (naming them)."""
+    if path.exists():
+        previous = json.loads(path.read_text())
+        changed = sorted(k for k in settings.keys() | previous.keys() if previous.get(k) != settings.get(k))
+        if changed:
+            details = ", ".join(f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+            raise ValueError(
+                f"{path.parent} holds a run with other settings ({details}); resuming would mix them. Use a new "
+                "output_dir, or delete the old one to start over."
+            )
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=2))

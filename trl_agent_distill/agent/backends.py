@@ -122,14 +122,32 @@ class TransformersBackend(GenerationBackend):
     @classmethod
     def from_pretrained(cls, model_name_or_path: str, *, dtype: str = "auto", device: str | None = None,
                         batch_size: int = 16, **model_kwargs: Any) -> TransformersBackend:
-        """Load a hub model or local directory; `device` defaults to the accelerator when there is one."""
+        """Load a hub model, a local directory, or a PEFT (LoRA) adapter directory on top of its base model.
+
+        `model_kwargs` go to `from_pretrained` (e.g. a 4-bit `quantization_config`); `device` defaults to the
+        accelerator when there is one.
+        """
+        from pathlib import Path
+
         from accelerate import PartialState
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=dtype, **model_kwargs)
+        adapter = Path(model_name_or_path, "adapter_config.json").is_file()
+        if adapter:
+            from peft import PeftConfig
+
+            base = PeftConfig.from_pretrained(model_name_or_path).base_model_name_or_path
+        else:
+            base = model_name_or_path
+        has_tokenizer = Path(model_name_or_path, "tokenizer_config.json").is_file()
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path if has_tokenizer or not adapter else base)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, **model_kwargs)
         if "quantization_config" not in model_kwargs and "device_map" not in model_kwargs:
             model = model.to(device or PartialState().device)
+        if adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, model_name_or_path)
         return cls(model, tokenizer, batch_size=batch_size)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:

@@ -1,0 +1,166 @@
+"""What `generate` and `eval` share: the task dataset, the agent with its tools, and how models are run.
+
+`AgentTaskConfig` holds those options (a teacher making data and a student being evaluated face the same tasks
+and tools); `load_tasks` reads and checks the tasks before any model loads; `build_agent` makes the CodeAct or
+ReAct agent with its search tool; `load_backend` turns a model reference into a generation backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .agent.backends import GenerationBackend, OpenAIBackend, SamplingParams, TransformersBackend
+from .agent.loop import Agent, CodeActAgent, ReActAgent, SelfConsistency, Task
+
+logger = logging.getLogger(__name__)
+
+AGENTS = ("codeact", "react")
+
+
+@dataclass
+class AgentTaskConfig:
+    """Options shared by `trl-agent-distill generate` and `eval`: tasks, agent, and how models are loaded."""
+
+    # The tasks
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Tasks: hub dataset, `save_to_disk` directory, or .jsonl/.json/.parquet/.csv."}
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    dataset_split: str = field(default="train", metadata={"help": "Split holding the tasks."})
+    question_field: str = field(default="question", metadata={"help": "Column with the question."})
+    answer_field: str = field(default="answer", metadata={"help": "Column with the gold answer."})
+    id_field: str | None = field(
+        default="id", metadata={"help": "Column with a unique task id; without it the row number is the id."}
+    )
+    max_tasks: int | None = field(default=None, metadata={"help": "Use only the first N tasks."})
+    # The agent
+    agent: str = field(default="codeact", metadata={"help": "Agent format.", "choices": list(AGENTS)})
+    retrieval_corpus: str | None = field(
+        default=None,
+        metadata={"help": "JSONL or `save_to_disk` corpus (id, title, text) for the search tool; none: no tool."},
+    )
+    retriever: str = field(default="bm25", metadata={"help": "bm25 or dense.", "choices": ["bm25", "dense"]})
+    dense_model: str | None = field(default=None, metadata={"help": "sentence-transformers model for dense."})
+    retrieval_top_k: int = field(default=3, metadata={"help": "Documents per search."})
+    max_steps: int = field(default=5, metadata={"help": "Agent steps before an episode ends unanswered."})
+    max_new_tokens: int = field(default=512, metadata={"help": "Tokens per agent step."})
+    temperature: float = field(default=0.0, metadata={"help": "Sampling temperature; 0 is greedy."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass."})
+    batch_size: int = field(default=16, metadata={"help": "Episodes advanced together (one batched call per step)."})
+    sandbox_timeout: float = field(default=10.0, metadata={"help": "Seconds one code step may run."})
+    # How models run
+    dtype: str = field(default="auto", metadata={"help": "Local model dtype: auto, bfloat16, float16, float32."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load local models in 4-bit NF4 (bitsandbytes)."})
+    api_key_env: str = field(
+        default="OPENAI_API_KEY", metadata={"help": "Environment variable holding the endpoint's API key, if any."}
+    )
+    request_timeout: float = field(default=300.0, metadata={"help": "Seconds before an HTTP request gives up."})
+    numeric_tolerance: float = field(default=1e-4, metadata={"help": "Relative tolerance of numeric answers."})
+    seed: int = field(default=42, metadata={"help": "Seed for sampling."})
+    show_progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
+
+    def __post_init__(self) -> None:
+        if self.agent not in AGENTS:
+            raise ValueError(f"agent must be one of {AGENTS}, got {self.agent!r}")
+        for name in ("max_steps", "max_new_tokens", "batch_size", "retrieval_top_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_tasks is not None and self.max_tasks < 1:
+            raise ValueError(f"max_tasks must be >= 1, got {self.max_tasks}")
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens)
+
+
+# ---------------------------------------------------------------------------------------------- tasks
+def load_tasks(config: AgentTaskConfig) -> list[Task]:
+    """The configured tasks, checked before any model loads: missing fields and duplicate ids name the culprit."""
+    import datasets
+
+    from .data import load_any_dataset
+
+    if not config.dataset_name:
+        raise ValueError("No tasks: set `dataset_name` (a hub dataset or a local .jsonl file with questions).")
+    loaded = load_any_dataset(config.dataset_name, config.dataset_config, local_split=config.dataset_split)
+    if isinstance(loaded, datasets.DatasetDict):
+        if config.dataset_split not in loaded:
+            raise ValueError(
+                f"{config.dataset_name} has no split '{config.dataset_split}' (it has {list(loaded)}); set "
+                "dataset_split."
+            )
+        loaded = loaded[config.dataset_split]
+    return tasks_from_rows(loaded, config, source=config.dataset_name)
+
+
+def tasks_from_rows(rows, config: AgentTaskConfig, *, source: str) -> list[Task]:
+    """`Task`s from a `datasets.Dataset` (or a list of dicts) using the configured field names."""
+    columns = list(rows.column_names) if hasattr(rows, "column_names") else sorted({k for row in rows for k in row})
+    for role, name in (("question_field", config.question_field), ("answer_field", config.answer_field)):
+        if name not in columns:
+            raise ValueError(f"{source} has no column '{name}' ({role}); its columns are {columns}. Set {role}.")
+    use_ids = config.id_field is not None and config.id_field in columns
+    if config.id_field is not None and not use_ids:
+        logger.info("%s has no '%s' column; task ids are row numbers.", source, config.id_field)
+    if config.max_tasks is not None:
+        rows = rows.select(range(min(config.max_tasks, len(rows)))) if hasattr(rows, "select") else rows[: config.max_tasks]
+    tasks, seen = [], {}
+    for index, row in enumerate(rows):
+        question = row[config.question_field]
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"{source}, row {index}: '{config.question_field}' is empty or not text ({question!r}).")
+        task_id = str(row[config.id_field]) if use_ids else str(index)
+        if task_id in seen:
+            raise ValueError(
+                f"{source}: rows {seen[task_id]} and {index} share the id {task_id!r} in '{config.id_field}'; ids "
+                "must be unique to resume runs. Fix the data or set id_field: null to use row numbers."
+            )
+        seen[task_id] = index
+        tasks.append(Task(task_id=task_id, question=question, answer=row[config.answer_field]))
+    return tasks
+
+
+# ---------------------------------------------------------------------------------------------- agents and models
+def build_agent(config: AgentTaskConfig, self_consistency: SelfConsistency | Mapping[str, Any] | None = None) -> Agent:
+    """The configured agent with its search tool (`web_search` for CodeAct, `Search` for ReAct)."""
+    tools = {}
+    if config.retrieval_corpus:
+        from .agent.retrieval import RetrievalTool
+
+        name = "web_search" if config.agent == "codeact" else "Search"
+        tools[name] = RetrievalTool(
+            config.retrieval_corpus, top_k=config.retrieval_top_k, retriever=config.retriever,
+            dense_model=config.dense_model, name=name,
+        )
+    if config.agent == "codeact":
+        return CodeActAgent(tools, max_steps=config.max_steps, sampling=config.sampling,
+                            sandbox_options={"timeout": config.sandbox_timeout}, self_consistency=self_consistency)
+    return ReActAgent(tools, max_steps=config.max_steps, sampling=config.sampling, self_consistency=self_consistency)
+
+
+def load_backend(model: str, config: AgentTaskConfig, *, base_url: str | None = None) -> GenerationBackend:
+    """A backend for `model`: served at `base_url` (OpenAI-compatible), else a hub name, a local directory or a LoRA
+    adapter directory loaded here with transformers (4-bit with `load_in_4bit`)."""
+    if base_url:
+        backend = OpenAIBackend(
+            base_url, model, api_key=os.environ.get(config.api_key_env), timeout=config.request_timeout,
+            max_concurrency=config.batch_size,
+        )
+        backend.check()
+        return backend
+    import torch
+
+    torch.manual_seed(config.seed)
+    model_kwargs: dict[str, Any] = {}
+    if config.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        model_kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
+        )
+    return TransformersBackend.from_pretrained(model, dtype=config.dtype, batch_size=config.batch_size, **model_kwargs)
