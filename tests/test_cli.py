@@ -2,12 +2,13 @@ from pathlib import Path
 
 import pytest
 
-from trl_agent_distill.cli import main, parse_generate_args, parse_train_args
+from trl_agent_distill.cli import main, parse_eval_args, parse_generate_args, parse_train_args
 
 ROOT = Path(__file__).resolve().parents[1]
-# Recipes are named after their command: `generate-*.yaml` for `generate`, the rest for `train`.
+# Recipes are named after their command: `generate-*.yaml`, `eval-*.yaml`, and the rest for `train`.
 GENERATE_RECIPES = sorted((ROOT / "recipes").glob("generate-*.yaml"))
-RECIPES = sorted(set((ROOT / "recipes").glob("*.yaml")) - set(GENERATE_RECIPES))
+EVAL_RECIPES = sorted((ROOT / "recipes").glob("eval-*.yaml"))
+RECIPES = sorted(set((ROOT / "recipes").glob("*.yaml")) - set(GENERATE_RECIPES) - set(EVAL_RECIPES))
 
 
 def test_there_are_the_documented_recipes():
@@ -27,6 +28,12 @@ def test_every_generate_recipe_parses_without_loading_anything(recipe):
     config = parse_generate_args(["--config", str(recipe)])
     assert config.model_name_or_path and config.dataset_name and config.retrieval_corpus
     assert config.first_thought_prefix and config.keep_only_correct
+
+
+@pytest.mark.parametrize("recipe", EVAL_RECIPES, ids=lambda path: path.name)
+def test_every_eval_recipe_parses_without_loading_anything(recipe):
+    config = parse_eval_args(["--config", str(recipe)])
+    assert len(config.models) >= 2 and set(config.modes) == {"agent", "cot"} and 8 in config.self_consistency
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.name)

@@ -2,10 +2,12 @@
 
     trl-agent-distill generate --config recipes/generate-hotpotqa-codeact.yaml
     trl-agent-distill train --config recipes/toy_cpu.yaml [--flag value ...]
+    trl-agent-distill eval --config recipes/eval-hotpotqa.yaml
     trl-agent-distill cache-teacher --config recipes/toy_cpu.yaml --teacher_cache outputs/toy_cache
     trl-agent-distill init-tiny --output_dir outputs/toy
 
-`generate` runs a teacher as an agent over a task dataset and writes its correct trajectories (see `generation`).
+`generate` runs a teacher as an agent over a task dataset and writes its correct trajectories (see `generation`);
+`eval` compares models as agents and as chain-of-thought answerers (see `evaluation`).
 `train` parses a recipe with TRL's `TrlParser` (flat keys across the script, trainer, model and dataset-mixture
 dataclasses; command-line flags override the YAML) and runs `AgentDistillTrainer`; it also works under
 `accelerate launch -m trl_agent_distill train ...`. Recipes are checked (unknown keys, wrong types) before any model
@@ -68,6 +70,15 @@ def parse_generate_args(argv: list[str]):
     from .generation import GenerateConfig
 
     (config,) = _parse_checked(TrlParser((GenerateConfig,), prog="trl-agent-distill generate"), argv)
+    return config
+
+
+def parse_eval_args(argv: list[str]):
+    from trl import TrlParser
+
+    from .evaluation import EvalConfig
+
+    (config,) = _parse_checked(TrlParser((EvalConfig,), prog="trl-agent-distill eval"), argv)
     return config
 
 
@@ -265,7 +276,17 @@ def generate(config) -> dict:
     return summary
 
 
+def evaluate(config) -> dict:
+    from .evaluation import TABLE_FILE, evaluate as run_evaluation
+
+    report = run_evaluation(config)
+    print(Path(config.output_dir, TABLE_FILE).read_text())
+    print(f"Predictions and summaries in {config.output_dir}")
+    return report
+
+
 COMMANDS = {
+    "eval": "evaluate models as agents (greedy, self-consistent) or with chain-of-thought, in one table",
     "generate": "run a teacher as an agent over tasks and keep its correct trajectories",
     "train": "distill a student from a recipe",
     "cache-teacher": "run the recipe's teacher once and store its top-k log-probs (then train with teacher_cache)",
@@ -289,6 +310,8 @@ def run(argv: list[str] | None = None):
     command, rest = argv[0], argv[1:]
     if command == "generate":
         return generate(parse_generate_args(rest))
+    if command == "eval":
+        return evaluate(parse_eval_args(rest))
     if command == "train":
         return train(*parse_train_args(rest))
     if command == "cache-teacher":
