@@ -120,7 +120,7 @@ def test_sampling_settings_are_grouped_and_n_samples_returned(model, tiny_tokeni
         results = backend.generate(requests)
     finally:
         del model.generate
-    assert sorted(calls) == [3, 3]  # one call per distinct setting, not one per request
+    assert sorted(calls) == [3, 9]  # one call per distinct setting (3 prompts, or 3 prompts x 3 samples)
     assert [len(r) for r in results] == [3 if i % 2 == 0 else 1 for i in range(6)]
 
 
@@ -209,3 +209,14 @@ def test_server_errors_and_stalls_are_reported(server):
         assert time.monotonic() - started < 6
     finally:
         server.delay = 0.0
+
+
+def test_samples_share_their_prompt_encoding_without_changing_the_result(model, tiny_tokenizer):
+    """n > 1 encodes each prompt once and copies its cache; near-zero top-p makes sampling greedy, so every sample
+    must equal the greedy reply (rows of different lengths check the left padding)."""
+    backend = TransformersBackend(model, tiny_tokenizer, batch_size=8)
+    greedy_replies = backend.generate([GenerationRequest(conversation(q), greedy(12)) for q in QUESTIONS])
+    near_greedy = SamplingParams(temperature=1.0, top_p=1e-6, max_new_tokens=12, n=3)
+    sampled = backend.generate([GenerationRequest(conversation(q), near_greedy) for q in QUESTIONS])
+    for (expected,), samples in zip(greedy_replies, sampled):
+        assert [sample.text for sample in samples] == [expected.text] * 3

@@ -37,3 +37,18 @@ def test_generation_benchmark_runs_every_episode_at_each_batch_size():
         assert result["episodes"] == 4 and result["steps"] == 8  # random weights never answer: max steps each
         assert result["episodes_per_second"] > 0
     assert report["results"][0]["speedup_vs_first"] == 1.0
+
+
+def test_self_consistency_benchmark_compares_with_greedy(tmp_path, tiny_tokenizer, make_model):
+    model_dir = tmp_path / "agent"
+    make_model("student", hidden_size=32, num_layers=1).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "self_consistency.py"
+    command = [sys.executable, str(script), "--model", str(model_dir), "--episodes", "2", "--n", "3",
+               "--max-steps", "1", "--new-tokens", "4", "--repeats", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    greedy, voted = json.loads(done.stdout)["results"]
+    assert greedy["setting"] == "greedy" and voted["setting"] == "self_consistency_3"
+    assert greedy["episodes"] == voted["episodes"] == 2 and greedy["time_per_episode_vs_greedy"] == 1.0
+    assert voted["valid_candidates_per_step"] is not None and voted["seconds_per_episode"] > 0

@@ -186,10 +186,30 @@ class TransformersBackend(GenerationBackend):
             stop_strings=list(stop) or None,
         )
         with torch.inference_mode():
+            if sampling.n > 1:
+                inputs = self._shared_prefill(inputs, sampling.n)
+                config.num_return_sequences = 1
             output = self.model.generate(**inputs, generation_config=config, tokenizer=self.tokenizer)
         new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
         completions = [self._completion(ids, stop, sampling.max_new_tokens) for ids in new_tokens]
         return [completions[i * sampling.n : (i + 1) * sampling.n] for i in range(len(requests))]
+
+    def _shared_prefill(self, inputs, n: int) -> dict[str, Any]:
+        """Encode each prompt once and copy its KV cache to its `n` samples (generate would encode it n times).
+
+        Self-consistency samples many candidates from one long prompt, so on a CPU the repeated prefill, not the
+        sampling, would dominate. The last prompt token is left for `generate`, which continues from the cache.
+        """
+        from transformers import DynamicCache
+
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: count positions from each row's first token
+        cache = DynamicCache(config=self.model.config)
+        self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                   past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(n)
+        return {"input_ids": ids.repeat_interleave(n, dim=0), "attention_mask": mask.repeat_interleave(n, dim=0),
+                "past_key_values": cache}
 
     def _completion(self, ids: list[int], stop: tuple[str, ...], max_new_tokens: int) -> Completion:
         ended = next((i for i, token in enumerate(ids) if token in self.end_token_ids), None)
