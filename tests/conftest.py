@@ -41,3 +41,16 @@ def toy_dataset():
     from trl_agent_distill.tiny import toy_trajectories
 
     return toy_trajectories()
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_tokenizer, make_model):
+    """A directory holding a one-layer tiny chat model and its tokenizer, loadable by name like a hub model."""
+
+    def save(name: str = "model"):
+        directory = tmp_path / name
+        make_model("student", hidden_size=32, num_layers=1).save_pretrained(directory)
+        tiny_tokenizer.save_pretrained(directory)
+        return directory
+
+    return save

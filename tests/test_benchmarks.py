@@ -39,10 +39,8 @@ def test_generation_benchmark_runs_every_episode_at_each_batch_size():
     assert report["results"][0]["speedup_vs_first"] == 1.0
 
 
-def test_self_consistency_benchmark_compares_with_greedy(tmp_path, tiny_tokenizer, make_model):
-    model_dir = tmp_path / "agent"
-    make_model("student", hidden_size=32, num_layers=1).save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
+def test_self_consistency_benchmark_compares_with_greedy(tiny_model_dir):
+    model_dir = tiny_model_dir("agent")
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "self_consistency.py"
     command = [sys.executable, str(script), "--model", str(model_dir), "--episodes", "2", "--n", "3",
                "--max-steps", "1", "--new-tokens", "4", "--repeats", "1"]

@@ -164,12 +164,10 @@ def test_a_crashing_sandbox_is_recorded_and_the_evaluation_goes_on(tmp_path):
     assert report["runs"][0]["correct"] == 1.0  # the episode recovered at its next step, the others were unaffected
 
 
-def test_models_from_directories_adapters_in_4bit_and_endpoints(tmp_path, tiny_tokenizer, make_model):
+def test_models_from_directories_adapters_in_4bit_and_endpoints(tmp_path, tiny_tokenizer, make_model, tiny_model_dir):
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    base_dir = tmp_path / "base"
-    make_model("student", hidden_size=32, num_layers=1).save_pretrained(base_dir)
-    tiny_tokenizer.save_pretrained(base_dir)
+    base_dir = tiny_model_dir("base")
     adapter_dir = tmp_path / "adapter"
     lora = get_peft_model(make_model("student", hidden_size=32, num_layers=1),
                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
@@ -201,10 +199,8 @@ def test_models_from_directories_adapters_in_4bit_and_endpoints(tmp_path, tiny_t
     assert "judge" in Path(config.output_dir, "results.md").read_text().splitlines()[0]
 
 
-def test_eval_command_runs_a_recipe(tmp_path, tiny_tokenizer, make_model, capsys):
-    model_dir = tmp_path / "student"
-    make_model("student", hidden_size=32, num_layers=1).save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
+def test_eval_command_runs_a_recipe(tmp_path, tiny_model_dir, capsys):
+    model_dir = tiny_model_dir("student")
     recipe = tmp_path / "eval.yaml"
     recipe.write_text(yaml.safe_dump({
         "models": [f"student={model_dir}"], "modes": ["agent", "cot"], "self_consistency": [0, 2],

@@ -228,10 +228,8 @@ def test_rows_without_ids_use_row_numbers(tmp_path):
     assert [t.task_id for t in tasks] == ["0", "1", "2"] and tasks[1].answer == "31,920"
 
 
-def test_generate_command_runs_a_recipe_with_a_local_model(tmp_path, tiny_tokenizer, make_model, capsys):
-    model_dir = tmp_path / "teacher"
-    make_model("teacher", hidden_size=32, num_layers=1).save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
+def test_generate_command_runs_a_recipe_with_a_local_model(tmp_path, tiny_model_dir, capsys):
+    model_dir = tiny_model_dir("teacher")
     recipe = tmp_path / "generate.yaml"
     recipe.write_text(yaml.safe_dump({
         "model_name_or_path": str(model_dir), "dataset_name": str(write_tasks(tmp_path / "tasks.jsonl")),
