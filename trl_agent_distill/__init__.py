@@ -1,6 +1,10 @@
 """Distill tool-using LLM agents into small students: REASON / ACT span-aware distillation on top of TRL.
 
     from trl_agent_distill import AgentDistillConfig, AgentDistillTrainer
+
+Making data and measuring students: `generate_trajectories` / `GenerateConfig` (a teacher acting as an agent),
+`evaluate` / `EvalConfig` (students as agents, greedy or self-consistent); the agent runtime is in
+`trl_agent_distill.agent`, environments in `trl_agent_distill.envs`.
 """
 
 import os
@@ -11,7 +15,10 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 from .collator import AgentTrajectoryCollator  # noqa: E402
 from .config import AgentDistillConfig  # noqa: E402
 from .data import DATASET_FORMATS, from_smolagents_log, prepare_trajectory_dataset  # noqa: E402
+from .evaluation import EvalConfig, evaluate  # noqa: E402
+from .generation import GenerateConfig, generate_trajectories  # noqa: E402
 from .losses import SpanLossOutput, span_divergence_loss  # noqa: E402
+from .metrics import answers_match, score_answer  # noqa: E402
 from .segmentation import Span, TrajectoryFormatError, segment_messages, segment_text  # noqa: E402
 from .trainer import AgentDistillTrainer  # noqa: E402
 
@@ -22,11 +29,17 @@ __all__ = [
     "AgentDistillTrainer",
     "AgentTrajectoryCollator",
     "DATASET_FORMATS",
+    "EvalConfig",
+    "GenerateConfig",
     "Span",
     "SpanLossOutput",
     "TrajectoryFormatError",
+    "answers_match",
+    "evaluate",
     "from_smolagents_log",
+    "generate_trajectories",
     "prepare_trajectory_dataset",
+    "score_answer",
     "segment_messages",
     "segment_text",
     "span_divergence_loss",
