@@ -185,3 +185,22 @@ def test_cache_and_cli_round_trip(tmp_path):
     trainer = run(["train", *common, "--output_dir", str(tmp_path / "out"), "--max_steps", "2"])
     assert trainer.teacher_model is None and trainer._cache_topk == 16
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_a_batch_without_trained_tokens_gives_a_zero_loss_from_the_cache():
+    """Every row truncated before its first assistant token: the batch carries no cached rows at all."""
+    from trl_agent_distill.heads import LogitHead
+    from trl_agent_distill.losses import chunked_span_divergence_loss, span_divergence_loss
+    from trl_agent_distill.teacher_cache import sparse_teacher_from_batch
+
+    empty = {"teacher_topk_ids": torch.zeros(0, dtype=torch.int32),
+             "teacher_topk_logprobs": torch.zeros(0), "teacher_tail_logprob": torch.zeros(0)}
+    teacher = sparse_teacher_from_batch(empty)
+    assert teacher.topk_ids.shape[0] == 0
+    hidden = torch.randn(2, 5, 8, requires_grad=True)
+    head = LogitHead(weight=torch.randn(16, 8))
+    masks = (torch.zeros(2, 5), torch.zeros(2, 5))
+    for output in (chunked_span_divergence_loss(hidden, head, teacher, *masks),
+                   span_divergence_loss(hidden @ head.weight.T, teacher, *masks)):
+        assert torch.isfinite(output.loss) and output.loss.item() == 0.0
+        output.loss.backward()

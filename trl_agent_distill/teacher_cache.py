@@ -146,10 +146,12 @@ def attach_teacher_cache(dataset: datasets.Dataset, cached_rows: datasets.Datase
 
 def sparse_teacher_from_batch(inputs: dict[str, torch.Tensor]) -> SparseTeacher:
     """The `SparseTeacher` rows a collated batch carries (row-major over the trained positions)."""
-    topk = inputs["teacher_topk_ids"].numel() // max(inputs["teacher_tail_logprob"].numel(), 1)
+    rows = inputs["teacher_tail_logprob"].numel()
+    # A batch whose trajectories were all truncated before their first trained token carries no rows at all.
+    topk = inputs["teacher_topk_ids"].numel() // rows if rows else 1
     return SparseTeacher(
-        inputs["teacher_topk_ids"].long().view(-1, topk),
-        inputs["teacher_topk_logprobs"].view(-1, topk),
+        inputs["teacher_topk_ids"].long().view(rows, topk),
+        inputs["teacher_topk_logprobs"].view(rows, topk),
         inputs["teacher_tail_logprob"],
     )
 

@@ -1,0 +1,72 @@
+"""The Colab notebooks run top to bottom with tiny local models swapped in through their parameters cell."""
+
+import json
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def execute(name: str, parameters: dict, workdir: Path) -> nbformat.NotebookNode:
+    """Run a notebook like papermill does: the overrides go in a cell right after the one tagged `parameters`."""
+    notebook = nbformat.read(ROOT / "notebooks" / name, as_version=4)
+    index = next(i for i, cell in enumerate(notebook.cells) if "parameters" in cell.metadata.get("tags", []))
+    overrides = "\n".join(f"{key} = {value!r}" for key, value in parameters.items())
+    notebook.cells.insert(index + 1, nbformat.v4.new_code_cell(overrides))
+    NotebookClient(notebook, timeout=540, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}).execute()
+    return notebook
+
+
+def test_notebooks_are_colab_ready():
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        notebook = nbformat.read(path, as_version=4)
+        nbformat.validate(notebook)
+        sources = "\n".join(cell.source for cell in notebook.cells)
+        assert "pip" in notebook.cells[2].source and "INSTALL" in notebook.cells[2].source, path.name
+        assert "/work/" not in sources and "tests/" not in sources, f"{path.name} refers to a local path"
+        assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), "strip outputs"
+
+
+def test_qlora_notebook_runs_with_tiny_models(tmp_path, tiny_tokenizer, make_model):
+    for role in ("teacher", "student"):
+        make_model(role).save_pretrained(tmp_path / role)
+        tiny_tokenizer.save_pretrained(tmp_path / role)
+    shutil.copy(FIXTURES / "retrieval" / "corpus.jsonl", tmp_path / "corpus.jsonl")
+    tasks = [{"id": "1", "question": "How many people live in Varnholt?", "answer": "4120"},
+             {"id": "2", "question": "Which lake is Varnholt on?", "answer": "Lake Ostmere"}]
+    (tmp_path / "tasks.jsonl").write_text("".join(json.dumps(task) + "\n" for task in tasks))
+    notebook = execute("02_qlora_agent_distillation.ipynb", {
+        "INSTALL": False,
+        "TEACHER": str(tmp_path / "teacher"),
+        "STUDENT": str(tmp_path / "student"),
+        "TRAJECTORIES": str(FIXTURES / "data" / "smolagents_rows.jsonl"),
+        "MAX_ROWS": 3,
+        "MAX_LENGTH": 768,  # the released rows' first assistant token comes after about 480 tiny-tokenizer tokens
+        "LORA_R": 4,
+        "TRAIN_ARGS": ["--max_steps", "2", "--per_device_train_batch_size", "1", "--logging_steps", "1",
+                       "--learning_rate", "1e-3"],
+        "EVAL_TASKS": str(tmp_path / "tasks.jsonl"),
+        "EVAL_CONFIG": None,
+        "EVAL_SPLIT": "test",
+        "EVAL_MAX_TASKS": 2,
+        "CORPUS": str(tmp_path / "corpus.jsonl"),
+        "AGENT_MAX_NEW_TOKENS": 8,
+        "SC_CANDIDATES": 2,
+        "OUTPUT_DIR": str(tmp_path / "run"),
+    }, tmp_path)
+    outputs = [output for cell in notebook.cells for output in cell.get("outputs", [])]
+    assert not [output for output in outputs if output.output_type == "error"]
+    assert any("image/png" in output.get("data", {}) for output in outputs)  # the loss plot
+    summary = json.loads((tmp_path / "run" / "eval" / "summary.json").read_text())
+    assert [(run["model"], run["setting"]) for run in summary["runs"]] == [
+        ("distilled", "agent-greedy"), ("distilled", "agent-sc2"), ("base", "agent-greedy"), ("base", "agent-sc2")
+    ]
+    assert (tmp_path / "run" / "teacher_cache").is_dir()
+    assert (tmp_path / "run" / "student" / "adapter_config.json").is_file()
