@@ -1,8 +1,15 @@
 """A test double for vLLM: an OpenAI-compatible chat completions server on 127.0.0.1 over a tiny local model.
 
-Standard library only. It serves `GET /v1/models` and `POST /v1/chat/completions` (model, messages, max_tokens,
-temperature, top_p, n, stop, and vLLM's `continue_final_message`) through `TransformersBackend`, and can be told to
-fail (`status=500`) or to stall (`delay` seconds) so that clients' error handling can be tested.
+Standard library only (`ThreadingHTTPServer` on a free port, in a daemon thread). It serves `GET /v1/models` and
+`POST /v1/chat/completions` (model, messages, max_tokens, temperature, top_p, n, stop as a string or a list, and
+vLLM's `continue_final_message` / `add_generation_prompt`: the final assistant message is then the forced start of
+the reply) through `TransformersBackend`, one generation at a time. An unknown model is a 404 with an OpenAI-style
+error body, a request the backend rejects a 400. To test a client's error handling it can answer every request with
+an error (`status=500`) or stall (`delay` seconds) first; both are attributes, so a test can flip them on a running
+server. `bodies` keeps every JSON body received, `max_in_flight` the most requests handled at once.
+
+    with FakeOpenAIServer(backend) as server:
+        client = OpenAIBackend(server.base_url, server.model_name)
 """
 
 from __future__ import annotations
@@ -14,15 +21,25 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from trl_agent_distill.agent import GenerationRequest, SamplingParams, TransformersBackend
 
+MODEL_NAME = "tiny-teacher"
+
+
+def error_body(message: str, kind: str, code: int) -> dict:
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
 
 class FakeOpenAIServer:
-    def __init__(self, backend: TransformersBackend, model_name: str = "tiny-teacher"):
+    def __init__(self, backend: TransformersBackend, model_name: str = MODEL_NAME, *, status: int = 200,
+                 delay: float = 0.0):
         self.backend, self.model_name = backend, model_name
-        self.status, self.delay, self.requests = 200, 0.0, 0
-        self._lock = threading.Lock()
+        self.status, self.delay = status, delay
+        self.bodies: list[dict] = []
+        self.in_flight = self.max_in_flight = 0
+        self._generate_lock, self._count_lock = threading.Lock(), threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._server.handle_error = lambda request, address: None  # a client that timed out and hung up: no noise
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True, name="fake-openai-server")
         self._thread.start()
 
     @property
@@ -33,26 +50,47 @@ class FakeOpenAIServer:
         self._server.shutdown()
         self._server.server_close()
 
+    def __enter__(self) -> FakeOpenAIServer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
     def complete(self, body: dict) -> tuple[int, dict]:
+        """The status and JSON body answering one chat completions request."""
         if body.get("model") != self.model_name:
-            return 404, {"error": {"message": f"The model `{body.get('model')}` does not exist.", "type": "NotFoundError"}}
-        messages, prefix = list(body["messages"]), ""
+            return 404, error_body(f"The model `{body.get('model')}` does not exist.", "NotFoundError", 404)
+        messages, prefix = list(body.get("messages") or []), ""
         if body.get("continue_final_message"):
+            if body.get("add_generation_prompt", True):  # vLLM refuses both at once
+                return 400, error_body("continue_final_message and add_generation_prompt are both set.",
+                                       "BadRequestError", 400)
+            if not messages or messages[-1].get("role") != "assistant":
+                return 400, error_body("continue_final_message needs a final assistant message.",
+                                       "BadRequestError", 400)
             prefix = messages.pop()["content"]
         stop = body.get("stop") or ()
-        sampling = SamplingParams(temperature=body.get("temperature", 1.0), top_p=body.get("top_p", 1.0),
-                                  max_new_tokens=body.get("max_tokens", 16), n=body.get("n", 1))
-        request = GenerationRequest(messages=messages, sampling=sampling, prefix=prefix,
-                                    stop=(stop,) if isinstance(stop, str) else tuple(stop))
-        with self._lock:
-            (completions,) = self.backend.generate([request])
-        choices = [
-            {"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason}
-            for i, c in enumerate(completions)
-        ]
-        return 200, {"id": f"chatcmpl-{self.requests}", "object": "chat.completion", "created": int(time.time()),
+        given = lambda key, default: default if body.get(key) is None else body[key]  # noqa: E731 (null: default)
+        try:
+            sampling = SamplingParams(temperature=given("temperature", 1.0), top_p=given("top_p", 1.0),
+                                      max_new_tokens=given("max_tokens", 16), n=given("n", 1))
+            request = GenerationRequest(messages=messages, sampling=sampling, prefix=prefix,
+                                        stop=(stop,) if isinstance(stop, str) else tuple(stop))
+            with self._generate_lock:
+                (completions,) = self.backend.generate([request])
+        except (ValueError, TypeError, KeyError) as error:
+            return 400, error_body(str(error), "BadRequestError", 400)
+        tokenizer = self.backend.tokenizer
+        count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + prefix
+        prompt_tokens = count(prompt)
+        completion_tokens = sum(count(c.text) for c in completions)
+        choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason}
+                   for i, c in enumerate(completions)]
+        return 200, {"id": f"chatcmpl-{len(self.bodies)}", "object": "chat.completion", "created": int(time.time()),
                      "model": self.model_name, "choices": choices,
-                     "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
+                     "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                               "total_tokens": prompt_tokens + completion_tokens}}
 
     def _handler(self):
         server = self
@@ -69,29 +107,37 @@ class FakeOpenAIServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def _misbehave(self) -> bool:
-                server.requests += 1
-                time.sleep(server.delay)
-                if server.status != 200:
-                    self._reply(server.status, {"error": {"message": "injected failure", "type": "server_error"}})
-                    return True
-                return False
+            def _serve(self, answer) -> None:
+                with server._count_lock:
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    time.sleep(server.delay)
+                    if server.status != 200:
+                        self._reply(server.status, error_body("injected failure", "InternalServerError", server.status))
+                    else:
+                        self._reply(*answer())
+                finally:
+                    with server._count_lock:
+                        server.in_flight -= 1
 
             def do_GET(self):
-                if self._misbehave():
-                    return
                 if self.path.rstrip("/") == "/v1/models":
-                    self._reply(200, {"object": "list", "data": [{"id": server.model_name, "object": "model"}]})
+                    self._serve(lambda: (200, {"object": "list", "data": [
+                        {"id": server.model_name, "object": "model", "created": 0, "owned_by": "vllm"}]}))
                 else:
-                    self._reply(404, {"error": {"message": f"no route {self.path}"}})
+                    self._serve(lambda: (404, error_body(f"no route {self.path}", "NotFoundError", 404)))
 
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-                if self._misbehave():
-                    return
-                if self.path.rstrip("/") != "/v1/chat/completions":
-                    self._reply(404, {"error": {"message": f"no route {self.path}"}})
-                    return
-                self._reply(*server.complete(body))
+                try:
+                    body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                except json.JSONDecodeError as error:
+                    invalid = error_body(f"invalid JSON: {error}", "BadRequestError", 400)
+                    return self._serve(lambda: (400, invalid))
+                server.bodies.append(body)
+                if self.path.rstrip("/") == "/v1/chat/completions":
+                    self._serve(lambda: server.complete(body))
+                else:
+                    self._serve(lambda: (404, error_body(f"no route {self.path}", "NotFoundError", 404)))
 
         return Handler

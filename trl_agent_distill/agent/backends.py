@@ -183,13 +183,14 @@ class TransformersBackend(GenerationBackend):
             num_return_sequences=sampling.n,
             eos_token_id=self.end_token_ids,
             pad_token_id=self.pad_token_id,
-            stop_strings=list(stop) or None,
         )
+        # Not `stop_strings`: generate matches those against the end of prompt + reply (see `_StopInReply`).
+        criteria = [_StopInReply(self.tokenizer, stop, inputs["input_ids"].shape[1])] if any(stop) else []
         with torch.inference_mode():
             if sampling.n > 1:
                 inputs = self._shared_prefill(inputs, sampling.n)
                 config.num_return_sequences = 1
-            output = self.model.generate(**inputs, generation_config=config, tokenizer=self.tokenizer)
+            output = self.model.generate(**inputs, generation_config=config, stopping_criteria=criteria)
         new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
         completions = [self._completion(ids, stop, sampling.max_new_tokens) for ids in new_tokens]
         return [completions[i * sampling.n : (i + 1) * sampling.n] for i in range(len(requests))]
@@ -218,6 +219,28 @@ class TransformersBackend(GenerationBackend):
         # Padding after a finished row is pad tokens, so "length" means the row really used all its tokens.
         finished = stopped or ended is not None or len(ids) < max_new_tokens or ids[-1] == self.pad_token_id
         return Completion(text=text, finish_reason="stop" if finished else "length")
+
+
+class _StopInReply:
+    """A `generate` stopping criterion: a row is done once its reply, not its prompt, contains a stop string.
+
+    `generate(stop_strings=...)` matches the end of the whole sequence, prompt included: with the stop string
+    `"\\nObservation"` and a prompt ending in a newline, a reply starting with "Observation" stopped at once, and
+    the reply then held no stop string to cut at. Servers (vLLM) look in the reply only, and so does this. A stop
+    string just completed lies within the last `4 * len(stop)` tokens (a token holds at least a byte), so only those
+    are decoded; missing one would only cost tokens, since replies are cut at the first stop string afterwards.
+    """
+
+    def __init__(self, tokenizer, stop: tuple[str, ...], prompt_length: int):
+        self.tokenizer, self.stop, self.prompt_length = tokenizer, [s for s in stop if s], prompt_length
+        self.window = 4 * max(len(s) for s in self.stop) + 1
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        start = max(self.prompt_length, input_ids.shape[1] - self.window)
+        texts = self.tokenizer.batch_decode(input_ids[:, start:].tolist(), skip_special_tokens=True)
+        return torch.tensor([any(s in text for s in self.stop) for text in texts], device=input_ids.device)
 
 
 # ---------------------------------------------------------------------------------------------- HTTP
