@@ -3,8 +3,11 @@
 The Agent Distillation paper keeps a teacher trajectory only when its answer matches the gold one; what "matches"
 means depends on the task: exact match after SQuAD-style normalisation for factual QA (plus token F1 as a softer
 score), numbers equal within a tolerance ("4,210" vs 4210.0), and symbolic equality with sympy for math answers
-written as LaTeX (`\\boxed{\\frac{1}{2}}` vs 0.5). Predictions are untrusted model output: the symbolic check only
-parses a small whitelisted grammar, never arbitrary code, and gives up on oversized or pathological input.
+written as LaTeX (`\\boxed{\\frac{1}{2}}` vs 0.5). Evaluation reports the same checks per example.
+
+Predictions are untrusted model output and sympy's parser calls `eval`: the symbolic check only parses a small
+whitelisted grammar (numbers, single-letter variables, a few functions, arithmetic), never attribute access or other
+names, and refuses oversized input and huge powers, so every check returns quickly on any input.
 """
 
 from __future__ import annotations
@@ -16,30 +19,31 @@ from collections import Counter
 from typing import Any
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCTUATION = set(string.punctuation)
+_PUNCTUATION = frozenset(string.punctuation)
 _NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 _GROUPED_NUMBER = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
-_FRACTION = re.compile(r"([-+]?\d+)\s*/\s*(\d+)")
-_LATEX_FRACTION = re.compile(r"([-+]?)\\[dt]?frac\{([-+]?\d+)\}\{(\d+)\}")
+_FRACTIONS = (re.compile(r"([-+]?\d+)\s*/\s*(\d+)"), re.compile(r"([-+]?)\\[dt]?frac\{([-+]?\d+)\}\{(\d+)\}"))
 _MATH_HINT = re.compile(r"\\boxed|\\frac|\\sqrt|\^|\bpi\b|\\pi|\d[a-zA-Z]\b|[a-zA-Z]\s*[+\-*/]\s*\d")
 
-# The symbolic grammar: after LaTeX translation only these names and characters may remain.
-_SYMPY_FUNCTIONS = ("sqrt", "sin", "cos", "tan", "log", "exp", "pi", "E")
-_ALLOWED_CHARS = re.compile(r"[0-9a-zA-Z+\-*/().,\s]*")
-_IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
+# The symbolic grammar: after LaTeX translation only these characters and names may remain.
+_SAFE_CHARACTERS = re.compile(r"[0-9a-zA-Z+\-*/()., ]*")
+_ATTRIBUTE_ACCESS = re.compile(r"\.(?!\d)")  # a dot that does not start decimals, as in `E.n(...)`
+_NAME = re.compile(r"[A-Za-z]\w*")
+_FUNCTIONS = ("sqrt", "sin", "cos", "tan", "log", "ln", "exp")
+_MAX_LATEX_CHARS = 800
 _MAX_SYMBOLIC_CHARS = 200
 _MAX_EXPONENT = 1000
 _PROBE_POINTS = (0.5772156649, 1.6180339887, 2.7182818284)
 _LATEX_REPLACEMENTS = [
-    (re.compile(r"\\left|\\right|\\!|\\,|\\;|\\:|\$"), ""),
+    (re.compile(r"\\left|\\right|\\[!,;: ]|\$"), ""),
     (re.compile(r"\\(?:cdot|times)"), "*"),
     (re.compile(r"\\div"), "/"),
-    (re.compile(r"\\pi"), "pi"),
-    (re.compile(r"\\(sin|cos|tan|log|exp|ln)\b"), r"\1"),
+    (re.compile(r"\\(pi|sin|cos|tan|log|ln|exp)\b"), r"\1"),
 ]
 
 
 def _text(value: Any) -> str | None:
+    """Predictions can be any value returned by the agent (`final_answer(7085)`); None stays None."""
     if value is None:
         return None
     return value if isinstance(value, str) else str(value)
@@ -52,6 +56,7 @@ def normalize_answer(text: str) -> str:
 
 
 def exact_match(prediction: Any, gold: Any) -> bool:
+    """Equal after `normalize_answer` ("The Eiffel Tower." matches "eiffel tower"); None never matches."""
     prediction, gold = _text(prediction), _text(gold)
     return prediction is not None and gold is not None and normalize_answer(prediction) == normalize_answer(gold)
 
@@ -73,15 +78,11 @@ def token_f1(prediction: Any, gold: Any) -> float:
 
 def extract_boxed(text: str) -> str | None:
     """The content of the last `\\boxed{...}` (or `\\fbox{...}`), nested braces included; None if absent or open."""
-    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
+    starts = [match.end() for match in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
     if not starts:
         return None
-    depth, start = 1, starts[-1]
-    for position in range(start, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[position], 0)
-        if depth == 0:
-            return text[start:position].strip()
-    return None
+    end = _closing_brace(text, starts[-1])
+    return None if end is None else text[starts[-1] : end].strip()
 
 
 def parse_number(value: Any) -> float | None:
@@ -89,30 +90,29 @@ def parse_number(value: Any) -> float | None:
     text = _text(value)
     if text is None:
         return None
-    text = text.strip()
     boxed = extract_boxed(text)
-    if boxed is not None:
-        text = boxed
-    text = text.strip().rstrip(".").strip().removeprefix("$").removesuffix("$").strip()
-    text = text.removesuffix("\\%").removesuffix("%").strip()
+    text = (text if boxed is None else boxed).replace("\\$", "$").replace("\\%", "%")
+    text = text.strip().rstrip(".").strip().removeprefix("$").removesuffix("$").removesuffix("%").strip()
     if text.startswith(("$", "-$")):
         text = text.replace("$", "", 1)
     if _GROUPED_NUMBER.fullmatch(text):
         text = text.replace(",", "")
-    for pattern in (_LATEX_FRACTION, _FRACTION):
-        fraction = pattern.fullmatch(text)
-        if fraction:
+    for pattern in _FRACTIONS:
+        if fraction := pattern.fullmatch(text):
             *sign, numerator, denominator = fraction.groups()
-            if int(denominator) == 0:
+            if float(denominator) == 0:
                 return None
-            return (-1 if sign and sign[0] == "-" else 1) * int(numerator) / int(denominator)
-    if not _NUMBER.fullmatch(text):
-        return None
-    number = float(text)
+            number = (-1 if sign == ["-"] else 1) * float(numerator) / float(denominator)
+            break
+    else:
+        if not _NUMBER.fullmatch(text):
+            return None
+        number = float(text)
     return number if math.isfinite(number) else None
 
 
 def numbers_equal(prediction: Any, gold: Any, *, rel_tol: float = 1e-4, abs_tol: float = 1e-6) -> bool:
+    """Both parse as numbers (`parse_number`) and are close: 7085 matches "7,085" and "7085.0"."""
     predicted, expected = parse_number(prediction), parse_number(gold)
     if predicted is None or expected is None:
         return False
@@ -120,7 +120,7 @@ def numbers_equal(prediction: Any, gold: Any, *, rel_tol: float = 1e-4, abs_tol:
 
 
 def symbolic_equal(prediction: Any, gold: Any) -> bool:
-    """Whether two math answers (LaTeX subset or plain expressions) are equal as sympy expressions."""
+    """Whether two math answers (the LaTeX subset or plain expressions, boxed or not) are equal sympy expressions."""
     left, right = _sympy_expression(prediction), _sympy_expression(gold)
     if left is None or right is None:
         return False
@@ -130,18 +130,19 @@ def symbolic_equal(prediction: Any, gold: Any) -> bool:
             return True
         if difference.is_Rational:  # exact numbers that differ, however little
             return False
-        # Evaluate at a few fixed points instead of sympy.simplify, whose time has no useful bound.
+        # Compare values at a few fixed points instead of calling sympy.simplify, whose time has no useful bound.
+        # Complex floats, not sympy's arbitrary precision: exp(exp(exp(exp(exp(x))))) overflows at once.
+        import sympy
+
         symbols = sorted(left.free_symbols | right.free_symbols, key=str)
+        functions = [sympy.lambdify(symbols, side, modules="cmath") for side in (left, right)]
         for point in _PROBE_POINTS[: 3 if symbols else 1]:
-            values = {symbol: point + k / 7 for k, symbol in enumerate(symbols)}
-            left_value, right_value = left.evalf(30, subs=values), right.evalf(30, subs=values)
-            if left_value.free_symbols or right_value.free_symbols:
-                return False
-            left_number, right_number = complex(left_value), complex(right_value)
-            if not abs(left_number - right_number) <= 1e-9 * max(1.0, abs(left_number), abs(right_number)):
+            values = [point + k / 7 for k in range(len(symbols))]
+            left_value, right_value = (complex(function(*values)) for function in functions)
+            if not abs(left_value - right_value) <= 1e-9 * max(1.0, abs(left_value), abs(right_value)):
                 return False
         return True
-    except Exception:  # sympy raises many kinds of errors on odd input; none of them means "equal"
+    except Exception:  # sympy raises many kinds of errors on odd input (tuples, infinities); none means "equal"
         return False
 
 
@@ -149,70 +150,75 @@ def answers_match(prediction: Any, gold: Any, *, rel_tol: float = 1e-4) -> bool:
     """The correctness filter: exact match, or equal numbers, or (for math-looking answers) equal expressions."""
     if exact_match(prediction, gold) or numbers_equal(prediction, gold, rel_tol=rel_tol):
         return True
-    prediction, gold = _text(prediction), _text(gold)
-    if prediction is None or gold is None:
-        return False
-    looks_mathematical = _MATH_HINT.search(prediction) or _MATH_HINT.search(gold)
-    return bool(looks_mathematical) and symbolic_equal(prediction, gold)
+    return _looks_mathematical(prediction, gold) and symbolic_equal(prediction, gold)
 
 
 def score_answer(prediction: Any, gold: Any, *, rel_tol: float = 1e-4) -> dict[str, float]:
-    """Every score for one prediction, for per-example evaluation records."""
+    """Every score for one prediction (0.0 / 1.0 except `f1`), for per-example evaluation records."""
+    exact, numeric, symbolic = (
+        exact_match(prediction, gold), numbers_equal(prediction, gold, rel_tol=rel_tol), symbolic_equal(prediction, gold)
+    )
+    correct = exact or numeric or (symbolic and _looks_mathematical(prediction, gold))  # = answers_match
     return {
-        "exact_match": float(exact_match(prediction, gold)),
+        "exact_match": float(exact),
         "f1": token_f1(prediction, gold),
-        "numeric": float(numbers_equal(prediction, gold, rel_tol=rel_tol)),
-        "symbolic": float(symbolic_equal(prediction, gold)),
-        "correct": float(answers_match(prediction, gold, rel_tol=rel_tol)),
+        "numeric": float(numeric),
+        "symbolic": float(symbolic),
+        "correct": float(correct),
     }
+
+
+def _looks_mathematical(prediction: Any, gold: Any) -> bool:
+    """Either answer has LaTeX math, a power, pi or a variable next to a number: worth a symbolic check."""
+    texts = (_text(prediction), _text(gold))
+    return None not in texts and any(_MATH_HINT.search(text) for text in texts)
 
 
 # ---------------------------------------------------------------------------------------------- sympy
 def _sympy_expression(value: Any):
+    """The answer (its boxed part if any) as a sympy expression, or None when outside the safe grammar."""
     text = _text(value)
-    if text is None or len(text) > 4 * _MAX_SYMBOLIC_CHARS:
+    if text is None:
         return None
     boxed = extract_boxed(text)
-    source = _latex_to_python(boxed if boxed is not None else text)
+    source = _latex_to_python(text if boxed is None else boxed)
     if source is None:
         return None
     import sympy
-    from sympy.parsing.sympy_parser import (
-        convert_xor,
-        implicit_multiplication_application,
-        parse_expr,
-        standard_transformations,
-    )
+    from sympy.parsing.sympy_parser import implicit_multiplication_application, parse_expr, standard_transformations
 
-    names = {name: getattr(sympy, name) for name in _SYMPY_FUNCTIONS}
-    names["ln"] = sympy.log
-    letters = {letter: sympy.Symbol(letter) for letter in string.ascii_letters if letter != "E"}
-    options = dict(
-        local_dict={**letters, **names},
-        # What the parser's own output calls; nothing else is reachable from the parsed text.
-        global_dict={name: getattr(sympy, name) for name in ("Integer", "Float", "Rational", "Symbol", "Add", "Mul", "Pow")},
-        transformations=(*standard_transformations, implicit_multiplication_application, convert_xor),
-    )
+    def options() -> dict:
+        """Fresh namespaces each parse: single letters are symbols, a few functions and constants, no builtins."""
+        names = {letter: sympy.Symbol(letter) for letter in string.ascii_letters}
+        names.update({name: getattr(sympy, name) for name in ("sqrt", "sin", "cos", "tan", "log", "exp", "pi", "E")})
+        names["ln"] = sympy.log
+        # What the parser's own output calls; `__builtins__` is set so that `eval` does not add the real ones.
+        parser_names = {name: getattr(sympy, name) for name in ("Integer", "Float", "Rational", "Symbol", "Add", "Mul", "Pow")}
+        return dict(
+            local_dict=names,
+            global_dict={"__builtins__": {}, **parser_names},
+            transformations=(*standard_transformations, implicit_multiplication_application),
+        )
+
     try:
         # Check the unevaluated tree first: evaluating 9**9**9 would never finish.
-        if not _powers_are_small(parse_expr(source, evaluate=False, **options)):
+        if _growth(parse_expr(source, evaluate=False, **options())) > _MAX_EXPONENT:
             return None
-        return parse_expr(source, evaluate=True, **options)
+        return parse_expr(source, evaluate=True, **options())
     except Exception:  # not an expression in the whitelisted grammar
         return None
 
 
-def _powers_are_small(expression) -> bool:
-    """Nested numeric exponents multiply to at most `_MAX_EXPONENT` ((2^10)^10 passes, 9^(9^9) does not)."""
-    return _growth(expression) <= _MAX_EXPONENT
-
-
 def _growth(expression) -> float:
+    """How much the powers in `expression` multiply exponents: (2^10)^10 gives 100, 9^(9^9) gives inf."""
     import sympy
 
-    if not isinstance(expression, sympy.Pow):
+    if isinstance(expression, sympy.Pow):
+        base, exponent = expression.args
+    elif isinstance(expression, sympy.exp):
+        base, exponent = sympy.E, expression.args[0]
+    else:
         return max((_growth(arg) for arg in expression.args), default=1.0)
-    base, exponent = expression.args
     exponent_growth = _growth(exponent)
     if exponent_growth > _MAX_EXPONENT:
         return math.inf
@@ -222,22 +228,20 @@ def _growth(expression) -> float:
 
 def _latex_to_python(text: str) -> str | None:
     """Translate the LaTeX subset to Python syntax and check it against the whitelist; None when it fails."""
-    text = text.strip().rstrip(".")
+    if len(text) > _MAX_LATEX_CHARS:
+        return None
+    text = " ".join(text.split()).rstrip(".")
     for pattern, replacement in _LATEX_REPLACEMENTS:
         text = pattern.sub(replacement, text)
     text = _replace_braced(text, r"\\sqrt\[(\d+)\]", lambda degree, body: f"(({body})**(1/{degree}))")
     text = _replace_braced(text, r"\\sqrt", lambda _, body: f"sqrt({body})")
-    while True:
-        replaced = _replace_fraction(text)
-        if replaced == text:
-            break
+    while (replaced := _replace_fraction(text)) != text:
         text = replaced
     text = text.replace("{", "(").replace("}", ")").replace("^", "**")
-    if len(text) > _MAX_SYMBOLIC_CHARS or "__" in text or "\\" in text or not _ALLOWED_CHARS.fullmatch(text):
+    if len(text) > _MAX_SYMBOLIC_CHARS or not _SAFE_CHARACTERS.fullmatch(text) or _ATTRIBUTE_ACCESS.search(text):
         return None
-    for name in _IDENTIFIER.findall(text):
-        if len(name) > 1 and name not in (*_SYMPY_FUNCTIONS, "ln"):
-            return None
+    if any(len(name) > 1 and name not in (*_FUNCTIONS, "pi") for name in _NAME.findall(text)):
+        return None
     return text
 
 
@@ -254,6 +258,7 @@ def _replace_braced(text: str, opener: str, build) -> str:
 
 
 def _replace_fraction(text: str) -> str:
+    """Rewrite the first `\\frac{a}{b}` (or `\\dfrac`, `\\tfrac`) as `((a)/(b))`; unchanged when there is none."""
     match = re.search(r"\\[dt]?frac\s*\{", text)
     if match is None:
         return text
@@ -268,6 +273,7 @@ def _replace_fraction(text: str) -> str:
 
 
 def _closing_brace(text: str, start: int) -> int | None:
+    """Index of the `}` closing a brace opened just before `start`, or None when it never closes."""
     depth = 1
     for position in range(start, len(text)):
         depth += {"{": 1, "}": -1}.get(text[position], 0)
