@@ -29,10 +29,13 @@ _MATH_HINT = re.compile(r"\\boxed|\\frac|\\sqrt|\^|\bpi\b|\\pi|\d[a-zA-Z]\b|[a-z
 _SAFE_CHARACTERS = re.compile(r"[0-9a-zA-Z+\-*/()., ]*")
 _ATTRIBUTE_ACCESS = re.compile(r"\.(?!\d)")  # a dot that does not start decimals, as in `E.n(...)`
 _NAME = re.compile(r"[A-Za-z]\w*")
-_FUNCTIONS = ("sqrt", "sin", "cos", "tan", "log", "ln", "exp")
+# Names an answer may use besides single-letter variables, with the sympy objects they stand for.
+_SYMPY_NAMES = {"sqrt": "sqrt", "sin": "sin", "cos": "cos", "tan": "tan", "log": "log", "ln": "log", "exp": "exp",
+                "pi": "pi", "E": "E"}
 _MAX_LATEX_CHARS = 800
 _MAX_SYMBOLIC_CHARS = 200
 _MAX_EXPONENT = 1000
+_MAX_LOG10 = 400  # numbers up to 10^400 (2^1000 is about 10^301); sympy takes seconds on roots of bigger ones
 _PROBE_POINTS = (0.5772156649, 1.6180339887, 2.7182818284)
 _LATEX_REPLACEMENTS = [
     (re.compile(r"\\left|\\right|\\[!,;: ]|\$"), ""),
@@ -124,6 +127,8 @@ def symbolic_equal(prediction: Any, gold: Any) -> bool:
     left, right = _sympy_expression(prediction), _sympy_expression(gold)
     if left is None or right is None:
         return False
+    import sympy
+
     try:
         difference = left - right
         if difference == 0:
@@ -132,8 +137,6 @@ def symbolic_equal(prediction: Any, gold: Any) -> bool:
             return False
         # Compare values at a few fixed points instead of calling sympy.simplify, whose time has no useful bound.
         # Complex floats, not sympy's arbitrary precision: exp(exp(exp(exp(exp(x))))) overflows at once.
-        import sympy
-
         symbols = sorted(left.free_symbols | right.free_symbols, key=str)
         functions = [sympy.lambdify(symbols, side, modules="cmath") for side in (left, right)]
         for point in _PROBE_POINTS[: 3 if symbols else 1]:
@@ -155,10 +158,9 @@ def answers_match(prediction: Any, gold: Any, *, rel_tol: float = 1e-4) -> bool:
 
 def score_answer(prediction: Any, gold: Any, *, rel_tol: float = 1e-4) -> dict[str, float]:
     """Every score for one prediction (0.0 / 1.0 except `f1`), for per-example evaluation records."""
-    exact, numeric, symbolic = (
-        exact_match(prediction, gold), numbers_equal(prediction, gold, rel_tol=rel_tol), symbolic_equal(prediction, gold)
-    )
-    correct = exact or numeric or (symbolic and _looks_mathematical(prediction, gold))  # = answers_match
+    exact, numeric = exact_match(prediction, gold), numbers_equal(prediction, gold, rel_tol=rel_tol)
+    symbolic = symbolic_equal(prediction, gold)
+    correct = exact or numeric or (symbolic and _looks_mathematical(prediction, gold))  # answers_match, sympy once
     return {
         "exact_match": float(exact),
         "f1": token_f1(prediction, gold),
@@ -190,40 +192,49 @@ def _sympy_expression(value: Any):
     def options() -> dict:
         """Fresh namespaces each parse: single letters are symbols, a few functions and constants, no builtins."""
         names = {letter: sympy.Symbol(letter) for letter in string.ascii_letters}
-        names.update({name: getattr(sympy, name) for name in ("sqrt", "sin", "cos", "tan", "log", "exp", "pi", "E")})
-        names["ln"] = sympy.log
+        names.update({name: getattr(sympy, attribute) for name, attribute in _SYMPY_NAMES.items()})
         # What the parser's own output calls; `__builtins__` is set so that `eval` does not add the real ones.
-        parser_names = {name: getattr(sympy, name) for name in ("Integer", "Float", "Rational", "Symbol", "Add", "Mul", "Pow")}
+        parser_names = ("Integer", "Float", "Rational", "Symbol", "Add", "Mul", "Pow")
         return dict(
             local_dict=names,
-            global_dict={"__builtins__": {}, **parser_names},
+            global_dict={"__builtins__": {}, **{name: getattr(sympy, name) for name in parser_names}},
             transformations=(*standard_transformations, implicit_multiplication_application),
         )
 
     try:
         # Check the unevaluated tree first: evaluating 9**9**9 would never finish.
-        if _growth(parse_expr(source, evaluate=False, **options())) > _MAX_EXPONENT:
+        if _log10_bound(parse_expr(source, evaluate=False, **options())) > _MAX_LOG10:
             return None
         return parse_expr(source, evaluate=True, **options())
     except Exception:  # not an expression in the whitelisted grammar
         return None
 
 
-def _growth(expression) -> float:
-    """How much the powers in `expression` multiply exponents: (2^10)^10 gives 100, 9^(9^9) gives inf."""
+def _log10_bound(expression) -> float:
+    """An upper bound on log10 |value| of `expression` and of all its parts (variables count as 10), or inf when an
+    exponent exceeds `_MAX_EXPONENT`: sympy's exact arithmetic on huge numbers (a root of 9^999) takes minutes."""
     import sympy
 
-    if isinstance(expression, sympy.Pow):
-        base, exponent = expression.args
-    elif isinstance(expression, sympy.exp):
-        base, exponent = sympy.E, expression.args[0]
-    else:
-        return max((_growth(arg) for arg in expression.args), default=1.0)
-    exponent_growth = _growth(exponent)
-    if exponent_growth > _MAX_EXPONENT:
+    if expression.is_Rational:
+        return math.log10(max(abs(expression.p), expression.q))
+    if expression.is_Float:
+        return math.log10(max(abs(float(expression)), 1.0))
+    if expression.is_Atom:
+        return 1.0
+    if isinstance(expression, sympy.exp):
+        return _log10_bound(sympy.Pow(sympy.E, expression.args[0], evaluate=False))
+    parts = [_log10_bound(arg) for arg in expression.args]
+    if isinstance(expression, sympy.Mul):
+        return sum(parts)
+    if not isinstance(expression, sympy.Pow):
+        return max(parts, default=0.0) + isinstance(expression, sympy.Add)
+    base, exponent = parts
+    if exponent > math.log10(_MAX_EXPONENT) + 1:  # far too big: refuse without evaluating it
         return math.inf
-    magnitude = abs(complex(exponent.evalf(15))) if exponent.is_number else 1.0
-    return max(exponent_growth, max(1.0, magnitude) * _growth(base))
+    if not expression.exp.is_number:
+        return max(parts)
+    power = abs(complex(expression.exp.evalf(15)))
+    return math.inf if power > _MAX_EXPONENT else max(exponent, base * max(1.0, power))
 
 
 def _latex_to_python(text: str) -> str | None:
@@ -240,7 +251,7 @@ def _latex_to_python(text: str) -> str | None:
     text = text.replace("{", "(").replace("}", ")").replace("^", "**")
     if len(text) > _MAX_SYMBOLIC_CHARS or not _SAFE_CHARACTERS.fullmatch(text) or _ATTRIBUTE_ACCESS.search(text):
         return None
-    if any(len(name) > 1 and name not in (*_FUNCTIONS, "pi") for name in _NAME.findall(text)):
+    if any(len(name) > 1 and name not in _SYMPY_NAMES for name in _NAME.findall(text)):
         return None
     return text
 
