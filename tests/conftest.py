@@ -54,3 +54,20 @@ def tiny_model_dir(tmp_path, tiny_tokenizer, make_model):
         return directory
 
     return save
+
+
+@pytest.fixture
+def generate_calls(monkeypatch):
+    """`watch(model)` returns a list that records the batch size of each `model.generate` call from then on."""
+
+    def watch(model):
+        calls, original = [], model.generate
+
+        def counting(*args, **kwargs):
+            calls.append(kwargs["input_ids"].shape[0])
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(model, "generate", counting)
+        return calls
+
+    return watch

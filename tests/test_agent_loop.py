@@ -359,16 +359,9 @@ def test_self_consistency_with_no_valid_candidate_takes_the_first_sample():
     assert "KeyError: 'first'" in episode.messages[3]["content"] and episode.tool_errors == 1
 
 
-def test_self_consistency_samples_n_candidates_in_one_batched_call(make_model, tiny_tokenizer):
+def test_self_consistency_samples_n_candidates_in_one_batched_call(make_model, tiny_tokenizer, generate_calls):
     model = make_model("student", hidden_size=32)
-    calls = []
-    original = model.generate
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs["input_ids"].shape[0])
-        return original(*args, **kwargs)
-
-    model.generate = counting
+    calls = generate_calls(model)
     backend = TransformersBackend(model, tiny_tokenizer, batch_size=8)
     agent = CodeActAgent({}, max_steps=1, sampling=SamplingParams(max_new_tokens=6),
                          self_consistency={"n": 4, "temperature": 0.4, "top_p": 0.8})

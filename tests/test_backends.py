@@ -186,25 +186,15 @@ def test_n_samples_per_request(backend):
     assert all(len({s.text for s in samples}) > 1 for samples in results)  # really sampled, not one reply copied
 
 
-def test_sampling_settings_are_grouped_into_one_generate_call_each(model, tiny_tokenizer, backend):
+def test_sampling_settings_are_grouped_into_one_generate_call_each(model, tiny_tokenizer, backend, generate_calls):
     sampled = SamplingParams(temperature=0.9, top_p=0.8, max_new_tokens=8, n=3)
     requests = [GenerationRequest(conversation(q), sampled if i % 2 == 0 else greedy(8))
                 for i, q in enumerate(QUESTIONS)]
-    calls = []
-    original = model.generate
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs["input_ids"].shape[0])
-        return original(*args, **kwargs)
-
-    model.generate = counting
-    try:
-        torch.manual_seed(0)
-        results = TransformersBackend(model, tiny_tokenizer, batch_size=16).generate(requests)
-        grouped_calls, calls[:] = list(calls), []
-        TransformersBackend(model, tiny_tokenizer, batch_size=2).generate(requests)
-    finally:
-        del model.generate
+    calls = generate_calls(model)
+    torch.manual_seed(0)
+    results = TransformersBackend(model, tiny_tokenizer, batch_size=16).generate(requests)
+    grouped_calls, calls[:] = list(calls), []
+    TransformersBackend(model, tiny_tokenizer, batch_size=2).generate(requests)
     assert sorted(grouped_calls) == [2, 9]  # 2 greedy prompts, 3 sampled prompts x 3 samples: one call each
     assert sorted(calls) == [2, 3, 6]  # batch_size 2 splits the sampled group: 2 then 1 prompt (x 3 samples)
     assert [len(r) for r in results] == [3, 1, 3, 1, 3]
