@@ -382,3 +382,22 @@ def test_react_self_consistency_votes_on_the_normalised_action():
 def test_self_consistency_needs_two_candidates():
     with pytest.raises(ValueError, match="n >= 2"):
         CodeActAgent({}, self_consistency={"n": 1})
+
+
+def test_task_variable_puts_the_question_in_the_sandbox():
+    from trl_agent_distill.tasks import AgentTaskConfig, build_agent
+
+    def policy(request):
+        return 'Thought: echo.\nCode:\n```py\nfinal_answer(task.upper())\n```<end_code>'
+
+    agent = CodeActAgent({}, max_steps=1, task_variable="task")
+    (episode,) = agent.run(PolicyBackend(policy), [Task("t", "what's \"up\"?\nline two", "-")])
+    assert episode.final_answer == "WHAT'S \"UP\"?\nLINE TWO"
+    assert "`task`" in agent.system_prompt and "`task`" not in CodeActAgent({}).system_prompt
+    with pytest.raises(ValueError, match="identifier"):
+        CodeActAgent({}, task_variable="class")
+    with pytest.raises(ValueError, match="also the name of a tool"):
+        CodeActAgent({"task": len}, task_variable="task")
+    with pytest.raises(ValueError, match="needs agent: codeact"):
+        AgentTaskConfig(agent="react", task_variable="task")
+    assert build_agent(AgentTaskConfig(task_variable="question")).task_variable == "question"

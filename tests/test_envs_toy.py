@@ -8,7 +8,7 @@ import pytest
 
 from trl_agent_distill.agent import CodeActAgent, PolicyBackend, RetrievalTool, Task
 from trl_agent_distill.envs import ToyWorld
-from trl_agent_distill.envs.toy import FACTS, oracle_step
+from trl_agent_distill.envs.toy import FACTS, oracle_step, plan
 from trl_agent_distill.metrics import answers_match
 from trl_agent_distill.segmentation import segment_messages
 
@@ -58,7 +58,8 @@ def test_saved_files_load_with_datasets(world, tmp_path):
 
 def test_the_oracle_solves_every_task_through_the_real_loop(world, tmp_path):
     paths = world.save(tmp_path)
-    agent = CodeActAgent({"web_search": RetrievalTool(paths["corpus"], top_k=1)}, max_steps=3)
+    agent = CodeActAgent({"web_search": RetrievalTool(paths["corpus"], top_k=1)}, max_steps=3, task_variable="task")
+    assert "variable `task`" in agent.system_prompt
     tasks = [Task(task.id, task.question, task.answer) for task in world.test_tasks]
     episodes = list(agent.run(PolicyBackend(world.oracle), tasks, batch_size=8))
     assert len(episodes) == 24
@@ -70,12 +71,39 @@ def test_the_oracle_solves_every_task_through_the_real_loop(world, tmp_path):
         assert kinds[2] == kinds[4] == {"reason", "act"}
 
 
-def test_the_oracle_refuses_unknown_tasks_and_writes_its_steps(world):
+def test_the_oracle_reads_names_and_constants_from_the_task_variable(world, tmp_path):
+    """Nothing from the question is retyped: the replies are the same for every task of a template."""
+    task = next(task for task in world.train_tasks if task.formula.startswith("v0 * v1 - "))
+    replies = oracle_step(task, 0) + oracle_step(task, 1)
+    constant = task.formula.rsplit(" ", 1)[1]
+    assert not any(town in replies for town, _ in task.lookups) and f" {constant}" not in replies
+    assert "answer = v0 * v1 - k\n" in oracle_step(task, 0) and "final_answer(answer)" in oracle_step(task, 1)
+    same_template = [other for other in world.train_tasks if other.formula.startswith("v0 * v1 - ")]
+    assert len({oracle_step(other, 0) + oracle_step(other, 1) for other in same_template}) == 1
+    # Without the variable the code fails with a NameError: the agent option is what makes it work.
+    paths = world.save(tmp_path)
+    agent = CodeActAgent({"web_search": RetrievalTool(paths["corpus"], top_k=1)}, max_steps=2)
+    (episode,) = agent.run(PolicyBackend(world.oracle), [Task(task.id, task.question, task.answer)])
+    assert not episode.answered and "NameError" in episode.messages[3]["content"]
+
+
+def test_the_oracle_answers_chain_of_thought_requests_with_the_facts(world):
+    from trl_agent_distill.agent import GenerationRequest
+    from trl_agent_distill.evaluation import extract_cot_answer
+    from trl_agent_distill.generation import first_paragraph
+    from trl_agent_distill.tasks import cot_messages
+
+    task = world.test_tasks[0]
+    answer = world.oracle(GenerationRequest(cot_messages(task.question)))
+    assert answer == world.cot_answer(task) and extract_cot_answer(answer) == task.answer
+    assert first_paragraph(answer) == plan(task) and first_paragraph(answer).startswith("I need the ")
+    for town, fact in task.lookups:
+        assert town in answer and str(getattr(world.towns[town], fact)) in answer
+
+
+def test_the_oracle_refuses_unknown_tasks(world):
     from trl_agent_distill.agent import GenerationRequest
 
     request = GenerationRequest([{"role": "system", "content": ""}, {"role": "user", "content": "New task:\nWho?"}])
     with pytest.raises(ValueError, match="does not know the task"):
         world.oracle(request)
-    task = world.train_tasks[0]
-    assert oracle_step(task, 1).endswith(f"final_answer({task.formula})\n```<end_code>")
-    assert all(town in oracle_step(task, 0) for town, _ in task.lookups)

@@ -26,14 +26,11 @@ from .agent.backends import GenerationBackend, GenerationRequest, OpenAIBackend,
 from .agent.loop import Episode, SelfConsistency, Task
 from .jsonl import ResumableJsonl, check_same_settings
 from .metrics import extract_boxed, score_answer
-from .tasks import AgentTaskConfig, build_agent, load_backend, load_tasks
+from .tasks import AgentTaskConfig, build_agent, cot_messages, load_backend, load_tasks
 
 MODES = ("agent", "cot")
 PREDICTIONS_FILE, RUN_CONFIG_FILE, SUMMARY_FILE, TABLE_FILE = (
     "predictions.jsonl", "run_config.json", "summary.json", "results.md"
-)
-COT_SYSTEM_PROMPT = (
-    "Answer the question. Think step by step, then give the final answer between <answer> and </answer>."
 )
 JUDGE_PROMPT = (
     "Question: {question}\nGold answer: {gold}\nPredicted answer: {prediction}\n"
@@ -140,10 +137,7 @@ def cot_episodes(backend: GenerationBackend, tasks: list[Task], config: EvalConf
     sampling = SamplingParams(max_new_tokens=config.cot_max_new_tokens)
     for start in range(0, len(tasks), config.batch_size):
         batch = tasks[start : start + config.batch_size]
-        conversations = [
-            [{"role": "system", "content": COT_SYSTEM_PROMPT}, {"role": "user", "content": task.question}]
-            for task in batch
-        ]
+        conversations = [cot_messages(task.question) for task in batch]
         replies = backend.generate([GenerationRequest(messages, sampling) for messages in conversations])
         for task, messages, (completion,) in zip(batch, conversations, replies):
             answer = extract_cot_answer(completion.text)

@@ -31,7 +31,7 @@ from .agent.backends import GenerationBackend, GenerationRequest, SamplingParams
 from .agent.loop import Agent, Episode, Task
 from .jsonl import ResumableJsonl, check_same_settings
 from .metrics import answers_match
-from .tasks import AgentTaskConfig, build_agent, load_backend, load_tasks
+from .tasks import AgentTaskConfig, build_agent, cot_messages, load_backend, load_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -40,10 +40,6 @@ EPISODES_FILE, TRAJECTORIES_FILE, SUMMARY_FILE, CONFIG_FILE = (
 )
 # Settings that may change between a run and its resumption without changing what an episode is.
 _RESUMABLE_FIELDS = ("output_dir", "batch_size", "max_tasks", "show_progress", "request_timeout")
-COT_SYSTEM_PROMPT = (
-    "Answer the question. Reason step by step in short paragraphs separated by blank lines, then state the final "
-    "answer."
-)
 
 
 @dataclass
@@ -100,13 +96,7 @@ def first_thoughts(backend: GenerationBackend, tasks: list[Task], config: Genera
     """Task id -> the first paragraph of the teacher's chain-of-thought answer (empty ones are left out)."""
     sampling = SamplingParams(temperature=config.temperature, top_p=config.top_p,
                               max_new_tokens=config.cot_max_new_tokens)
-    requests = [
-        GenerationRequest(
-            messages=[{"role": "system", "content": COT_SYSTEM_PROMPT}, {"role": "user", "content": task.question}],
-            sampling=sampling,
-        )
-        for task in tasks
-    ]
+    requests = [GenerationRequest(messages=cot_messages(task.question), sampling=sampling) for task in tasks]
     thoughts = {task.task_id: first_paragraph(replies[0].text) for task, replies in zip(tasks, backend.generate(requests))}
     return {task_id: thought for task_id, thought in thoughts.items() if thought}
 

@@ -83,3 +83,25 @@ def check_same_settings(path: Path, settings: dict[str, Any]) -> None:
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(settings, indent=2))
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every record of a JSONL file (blank lines skipped); a bad line is reported with its file and line number."""
+    records = []
+    with Path(path).open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
+    return records
+
+
+def write_jsonl(path: str | os.PathLike, records: list[dict[str, Any]]) -> Path:
+    """Write `records` as a new JSONL file (parent folders created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8")
+    return path

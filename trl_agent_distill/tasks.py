@@ -52,6 +52,10 @@ class AgentTaskConfig:
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass."})
     batch_size: int = field(default=16, metadata={"help": "Episodes advanced together (one batched call per step)."})
     sandbox_timeout: float = field(default=10.0, metadata={"help": "Seconds one code step may run."})
+    task_variable: str | None = field(
+        default=None,
+        metadata={"help": "CodeAct: also give the code the task text in a variable of this name (e.g. `task`)."},
+    )
     # How models run
     dtype: str = field(default="auto", metadata={"help": "Local model dtype: auto, bfloat16, float16, float32."})
     load_in_4bit: bool = field(default=False, metadata={"help": "Load local models in 4-bit NF4 (bitsandbytes)."})
@@ -71,6 +75,8 @@ class AgentTaskConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_tasks is not None and self.max_tasks < 1:
             raise ValueError(f"max_tasks must be >= 1, got {self.max_tasks}")
+        if self.task_variable is not None and self.agent != "codeact":
+            raise ValueError("task_variable needs agent: codeact (a ReAct agent has no Python sandbox to put it in).")
 
     @property
     def sampling(self) -> SamplingParams:
@@ -124,6 +130,20 @@ def tasks_from_rows(rows, config: AgentTaskConfig, *, source: str) -> list[Task]
     return tasks
 
 
+# ---------------------------------------------------------------------------------------------- chain of thought
+# One prompt for the first-thought prefix and for CoT evaluation: paragraphs (the prefix takes the first), and an
+# answer tag the evaluation can find.
+COT_SYSTEM_PROMPT = (
+    "Answer the question. Reason step by step in short paragraphs separated by blank lines, then give the final "
+    "answer between <answer> and </answer>."
+)
+
+
+def cot_messages(question: str) -> list[dict[str, str]]:
+    """The conversation asking for a chain-of-thought answer without tools."""
+    return [{"role": "system", "content": COT_SYSTEM_PROMPT}, {"role": "user", "content": question}]
+
+
 # ---------------------------------------------------------------------------------------------- agents and models
 def build_agent(config: AgentTaskConfig, self_consistency: SelfConsistency | Mapping[str, Any] | None = None) -> Agent:
     """The configured agent with its search tool (`web_search` for CodeAct, `Search` for ReAct)."""
@@ -138,7 +158,8 @@ def build_agent(config: AgentTaskConfig, self_consistency: SelfConsistency | Map
         )
     if config.agent == "codeact":
         return CodeActAgent(tools, max_steps=config.max_steps, sampling=config.sampling,
-                            sandbox_options={"timeout": config.sandbox_timeout}, self_consistency=self_consistency)
+                            sandbox_options={"timeout": config.sandbox_timeout}, self_consistency=self_consistency,
+                            task_variable=config.task_variable)
     return ReActAgent(tools, max_steps=config.max_steps, sampling=config.sampling, self_consistency=self_consistency)
 
 

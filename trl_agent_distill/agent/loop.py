@@ -17,6 +17,7 @@ next tasks, yielding episodes as they end.
 from __future__ import annotations
 
 import inspect
+import keyword
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -195,7 +196,7 @@ class Agent(ABC):
     def choose(self, environment: Any, replies: list[str], completions: list[Completion]) -> _Choice:
         """Pick one of several candidate replies (self-consistency) and act on it."""
 
-    def open_environment(self) -> Any:
+    def open_environment(self, task: Task) -> Any:
         """Per-episode state for the tools (CodeAct: a sandbox); None when the tools are stateless."""
         return None
 
@@ -242,7 +243,7 @@ class Agent(ABC):
             {"role": "user", "content": self.task_message(task.question)},
         ]
         prefix = (prefixes or {}).get(task.task_id, "")
-        return _Running(Episode(task=task, messages=messages), pool.submit(self.open_environment), prefix)
+        return _Running(Episode(task=task, messages=messages), pool.submit(self.open_environment, task), prefix)
 
     def _close(self, running: _Running) -> None:
         try:
@@ -304,6 +305,7 @@ def _take(iterator: Iterator[Task], count: int) -> list[Task]:
 _CODE_BLOCK = re.compile(r"```(?:py|python)?[ \t]*\n(?P<code>.*?)```|<code>(?P<tagged>.*?)</code>", re.DOTALL)
 _CODE_OPEN = re.compile(r"```(?:py|python)?[ \t]*\n|<code>")
 END_CODE = "<end_code>"
+TASK_MESSAGE_PREFIX = "New task:\n"
 
 
 class CodeActAgent(Agent):
@@ -321,6 +323,9 @@ class CodeActAgent(Agent):
             each candidate runs in its own fork of the episode's sandbox, candidates that fail to parse or raise are
             dropped, the rest are grouped by (printed output, final answer), and the chosen candidate's fork becomes
             the episode's sandbox, so rejected candidates leave nothing behind.
+        task_variable: also put the task text in the sandbox under this name (like smolagents' `additional_args`),
+            so code can parse the question instead of retyping names and numbers from it; the default system prompt
+            says so.
     """
 
     stop = (END_CODE, "Observation:")
@@ -328,8 +333,14 @@ class CodeActAgent(Agent):
     def __init__(self, tools: Mapping[str, Callable[..., Any]], *, max_steps: int = 5,
                  sampling: SamplingParams | None = None, system_prompt: str | None = None,
                  sandbox_options: Mapping[str, Any] | None = None,
-                 self_consistency: SelfConsistency | Mapping[str, Any] | None = None):
+                 self_consistency: SelfConsistency | Mapping[str, Any] | None = None,
+                 task_variable: str | None = None):
+        if task_variable is not None and not (task_variable.isidentifier() and not keyword.iskeyword(task_variable)):
+            raise ValueError(f"task_variable must be a Python identifier, got {task_variable!r}")
+        if task_variable in tools:
+            raise ValueError(f"task_variable {task_variable!r} is also the name of a tool; pick another name")
         self.sandbox_options = dict(sandbox_options or {})
+        self.task_variable = task_variable
         super().__init__(tools, max_steps=max_steps, sampling=sampling, system_prompt=system_prompt,
                          self_consistency=self_consistency)
 
@@ -344,13 +355,21 @@ class CodeActAgent(Agent):
             "Print what you need: printed output comes back in the next 'Observation:'.\n"
             "Finish by calling final_answer.\n\n"
             "You can use these tools:\n" + "\n".join(f"- {line}" for line in tools)
+            + (f"\n\nThe task text is also in the string variable `{self.task_variable}`." if self.task_variable
+               else "")
         )
 
     def task_message(self, question: str) -> str:
-        return f"New task:\n{question}"
+        return TASK_MESSAGE_PREFIX + question
 
-    def open_environment(self) -> PythonSandbox:
-        return PythonSandbox(tools=self.tools, **self.sandbox_options)
+    def open_environment(self, task: Task) -> PythonSandbox:
+        sandbox = PythonSandbox(tools=self.tools, **self.sandbox_options)
+        if self.task_variable is not None:
+            observation = sandbox.run(f"{self.task_variable} = {task.question!r}")
+            if observation.error:
+                sandbox.close()
+                raise SandboxError(f"could not set the task variable {self.task_variable!r}: {observation.text}")
+        return sandbox
 
     def close_environment(self, environment: PythonSandbox | None) -> None:
         if environment is not None:

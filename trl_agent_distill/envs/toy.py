@@ -6,20 +6,28 @@ retrievals plus arithmetic, e.g. "What is the population of Varnek times the num
 Train and test tasks are about disjoint towns, so a student cannot pass the test by remembering training facts.
 
 `ToyWorld.oracle` is a policy for `PolicyBackend` that solves every task with the real tools through the real
-CodeAct loop: it searches each town, reads the numbers out of the observation with a regular expression in the
-sandbox, and computes the answer with `final_answer`. Its trajectories are the demo teacher's training data.
+CodeAct loop (run with `task_variable="task"`): its code reads the town names and any constant out of the task text
+with a regular expression, searches each town, parses the numbers out of the entries and computes the answer, which
+the next step returns with `final_answer`. Asked for a chain of thought it answers from its knowledge of the world
+(`cot_answer`). Its trajectories and CoT answers are the demo teacher's training data.
+
+Why the code parses the task instead of retyping names: a model of a million parameters trained for minutes on CPU
+does not learn to copy unseen names from the question (measured: 0 of 50 test tasks after 1,200 SFT steps), while
+it learns quickly which facts a question needs and how to combine them, which is what the demo is about.
 """
 
 from __future__ import annotations
 
-import json
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ..agent.backends import GenerationRequest
+from ..agent.loop import TASK_MESSAGE_PREFIX
+from ..jsonl import write_jsonl
+from ..tasks import COT_SYSTEM_PROMPT
 
 _ONSETS = ["b", "br", "c", "d", "dr", "f", "g", "gr", "h", "k", "l", "m", "n", "p", "r", "s", "st", "t", "tr", "v", "w", "z"]
 _VOWELS = ["a", "e", "i", "o", "u", "ae", "ia", "ou"]
@@ -28,13 +36,22 @@ _SUFFIXES = ["", "", "by", "mere", "holt", "wick", "ford", "stead", "ton", "vale
 _FIRST_NAMES = ["Odile", "Tomas", "Ilsa", "Corvin", "Maren", "Edric", "Sabine", "Jorek", "Liane", "Anselm", "Petra",
                 "Wendel", "Ysolde", "Bram", "Helka", "Oren"]
 
-# Each fact's name in questions, and the pattern that reads it back from an entry.
+# The pattern that reads each fact back from an entry.
 FACTS = {
     "population": r"Population: (\d+)\.",
     "gates": r"It has (\d+) gates\.",
     "founded": r"founded in (\d+)\.",
     "mayor_age": r"is (\d+) years old\.",
 }
+# How a plan names each fact, and how a chain of thought states it about a town.
+_FACT_PHRASES = {
+    "population": ("the population of", "has a population of {}"),
+    "gates": ("the number of gates of", "has {} gates"),
+    "founded": ("the founding year of", "was founded in {}"),
+    "mayor_age": ("the age of the mayor of", "has a mayor who is {} years old"),
+}
+# Town names are the only capitalised words after the first one of a question.
+TOWN_PATTERN = r" ([A-Z][a-z]+)"
 
 
 @dataclass(frozen=True)
@@ -112,44 +129,67 @@ class ToyWorld:
         root = Path(directory)
         root.mkdir(parents=True, exist_ok=True)
         paths = {"corpus": root / "corpus.jsonl", "train": root / "train.jsonl", "test": root / "test.jsonl"}
-        _write_jsonl(paths["corpus"], self.corpus)
+        write_jsonl(paths["corpus"], self.corpus)
         for split in ("train", "test"):
             rows = [{"id": task.id, "question": task.question, "answer": task.answer} for task in self.tasks(split)]
-            _write_jsonl(paths[split], rows)
+            write_jsonl(paths[split], rows)
         return paths
 
     # -------------------------------------------------------------------------------------------- the oracle
     @property
     def oracle(self) -> Callable[[GenerationRequest], str]:
-        """A CodeAct policy solving every task: search the towns, read the facts, compute, answer."""
+        """A policy answering every task: CodeAct steps (`oracle_step`) or, asked for CoT, `cot_answer`."""
         by_question = {task.question: task for task in self.train_tasks + self.test_tasks}
 
         def policy(request: GenerationRequest) -> str:
-            question = request.messages[1]["content"].removeprefix("New task:\n")
+            question = request.messages[1]["content"].removeprefix(TASK_MESSAGE_PREFIX)
             task = by_question.get(question)
             if task is None:
                 raise ValueError(f"The toy oracle does not know the task {question!r}.")
+            if request.messages[0]["content"] == COT_SYSTEM_PROMPT:
+                return self.cot_answer(task)
             steps = sum(message["role"] == "assistant" for message in request.messages)
             return oracle_step(task, steps)
 
         return policy
 
+    def cot_answer(self, task: ToyTask) -> str:
+        """A chain-of-thought answer by someone who knows every town: the plan, the facts, the arithmetic."""
+        facts = " ".join(
+            f"{town} {_FACT_PHRASES[fact][1].format(getattr(self.towns[town], fact))}." for town, fact in task.lookups
+        )
+        values = {f"v{i}": str(getattr(self.towns[town], fact)) for i, (town, fact) in enumerate(task.lookups)}
+        arithmetic = re.sub(r"v\d+", lambda match: values[match.group(0)], task.formula)
+        return f"{plan(task)}\n\n{facts}\n\n{arithmetic} = {task.answer}.\n\n<answer>{task.answer}</answer>"
+
+
+def plan(task: ToyTask) -> str:
+    """What a task needs, said without its town names (which the code reads from `task`): "I need the population
+    of the first town and the number of gates of the second town." Also the first paragraph of `cot_answer`."""
+    towns = list(dict.fromkeys(town for town, _ in task.lookups))
+    slots = ["the town"] if len(towns) == 1 else ["the first town", "the second town"]
+    needs = [f"{_FACT_PHRASES[fact][0]} {slots[towns.index(town)]}" for town, fact in task.lookups]
+    return f"I need {' and '.join(needs)}."
+
 
 def oracle_step(task: ToyTask, step: int) -> str:
-    """The oracle's reply at `step`: 0 looks the facts up and parses them, then 1 computes the answer."""
-    if step == 0:
-        towns = list(dict.fromkeys(town for town, _ in task.lookups))
-        names = " and ".join(towns)
-        lines = [f"entry{i} = web_search(query=\"{town}\")" for i, town in enumerate(towns)]
-        lines += [f"print(entry{i})" for i in range(len(towns))]
-        for index, (town, fact) in enumerate(task.lookups):
-            lines.append(f"v{index} = int(re.search(r\"{FACTS[fact]}\", entry{towns.index(town)}).group(1))")
-        lines.append("print(" + ", ".join(f"v{i}" for i in range(len(task.lookups))) + ")")
-        facts = " and ".join(f"the {fact.replace('_', ' ')} of {town}" for town, fact in task.lookups)
-        return (f"Thought: I need {facts}. I will search for {names} and read the numbers.\n"
-                "Code:\n```py\nimport re\n" + "\n".join(lines) + "\n```<end_code>")
-    return (f"Thought: I have the numbers. The answer is {task.formula}.\n"
-            f"Code:\n```py\nfinal_answer({task.formula})\n```<end_code>")
+    """The oracle's CodeAct reply at `step`: 0 reads the towns (and any constant) from `task`, searches, parses the
+    entries and computes; 1 gives the answer it printed."""
+    if step > 0:
+        return "Thought: The answer is computed.\nCode:\n```py\nfinal_answer(answer)\n```<end_code>"
+    towns = list(dict.fromkeys(town for town, _ in task.lookups))
+    expression = re.sub(r"\b\d+\b", "k", task.formula)  # a constant from the question is read, like the names
+    lines = ["import re", f'towns = re.findall(r"{TOWN_PATTERN}", task)']
+    if expression != task.formula:
+        lines.append('k = int(re.findall(r"\\d+", task)[-1])')
+    lines += [f"entry{i} = web_search(query=towns[{i}])" for i in range(len(towns))]
+    lines += [f"print(entry{i})" for i in range(len(towns))]
+    for index, (town, fact) in enumerate(task.lookups):
+        lines.append(f"v{index} = int(re.search(r\"{FACTS[fact]}\", entry{towns.index(town)}).group(1))")
+    lines += [f"answer = {expression}", "print(answer)"]
+    search = "the town" if len(towns) == 1 else "both towns"
+    return (f"Thought: {plan(task)} I will search for {search}, read the numbers and compute {expression}.\n"
+            "Code:\n```py\n" + "\n".join(lines) + "\n```<end_code>")
 
 
 # ---------------------------------------------------------------------------------------------- generation
@@ -201,7 +241,3 @@ def _make_tasks(rng: random.Random, towns: list[Town], count: int, split: str) -
 def _evaluate(expression: str, towns: list[Town], lookups: tuple[tuple[int, str], ...]) -> int:
     values = {f"v{i}": getattr(towns[slot], fact) for i, (slot, fact) in enumerate(lookups)}
     return eval(expression, {"__builtins__": {}}, values)  # our own template, never model output
-
-
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
