@@ -20,8 +20,7 @@ test: setup
 	$(PYTHON) -m pytest -q
 
 demo: setup
-	$(VENV)/bin/trl-agent-distill init-tiny --output_dir outputs/toy
-	$(VENV)/bin/trl-agent-distill train --config recipes/toy_cpu.yaml
+	$(VENV)/bin/trl-agent-distill demo --config recipes/toy_demo.yaml
 
 clean:
 	rm -rf $(VENV) outputs

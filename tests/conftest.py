@@ -71,3 +71,13 @@ def generate_calls(monkeypatch):
         return calls
 
     return watch
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_settings():
+    """`DemoConfig` overrides that run the whole toy-world pipeline in about a minute (tiny world and models)."""
+    return dict(
+        num_towns=40, train_tasks=48, test_tasks=4, vocab_size=768, teacher_hidden_size=96, teacher_layers=2,
+        teacher_steps=200, teacher_cot_answers=12, student_hidden_size=32, student_layers=1, generate_tasks=8, student_steps=3,
+        per_device_train_batch_size=4, self_consistency=2, batch_size=8, max_new_tokens=200, show_progress=False,
+    )

@@ -2,13 +2,14 @@ from pathlib import Path
 
 import pytest
 
-from trl_agent_distill.cli import main, parse_eval_args, parse_generate_args, parse_train_args
+from trl_agent_distill.cli import main, parse_demo_args, parse_eval_args, parse_generate_args, parse_train_args
 
 ROOT = Path(__file__).resolve().parents[1]
-# Recipes are named after their command: `generate-*.yaml`, `eval-*.yaml`, and the rest for `train`.
+# Recipes are named after their command: `generate-*.yaml`, `eval-*.yaml`, the demo's, and the rest for `train`.
 GENERATE_RECIPES = sorted((ROOT / "recipes").glob("generate-*.yaml"))
 EVAL_RECIPES = sorted((ROOT / "recipes").glob("eval-*.yaml"))
-RECIPES = sorted(set((ROOT / "recipes").glob("*.yaml")) - set(GENERATE_RECIPES) - set(EVAL_RECIPES))
+DEMO_RECIPE = ROOT / "recipes/toy_demo.yaml"
+RECIPES = sorted(set((ROOT / "recipes").glob("*.yaml")) - set(GENERATE_RECIPES) - set(EVAL_RECIPES) - {DEMO_RECIPE})
 
 
 def test_there_are_the_documented_recipes():
@@ -34,6 +35,12 @@ def test_every_generate_recipe_parses_without_loading_anything(recipe):
 def test_every_eval_recipe_parses_without_loading_anything(recipe):
     config = parse_eval_args(["--config", str(recipe)])
     assert len(config.models) >= 2 and set(config.modes) == {"agent", "cot"} and 8 in config.self_consistency
+
+
+def test_the_demo_recipe_parses_and_flags_override_it():
+    config = parse_demo_args(["--config", str(DEMO_RECIPE), "--stages", "eval", "report"])
+    assert config.stages == ["eval", "report"] and config.students == ["sft", "token_kd", "sad", "cot"]
+    assert config.student_hidden_size < config.teacher_hidden_size
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.name)

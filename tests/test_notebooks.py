@@ -70,3 +70,17 @@ def test_qlora_notebook_runs_with_tiny_models(tmp_path, tiny_tokenizer, make_mod
     ]
     assert (tmp_path / "run" / "teacher_cache").is_dir()
     assert (tmp_path / "run" / "student" / "adapter_config.json").is_file()
+
+
+def test_quickstart_notebook_runs_the_demo_step_by_step(tmp_path, tiny_demo_settings):
+    notebook = execute("01_quickstart_toy_world.ipynb", {
+        "INSTALL": False, "OUTPUT_DIR": str(tmp_path / "demo"), "SETTINGS": tiny_demo_settings,
+    }, tmp_path)
+    outputs = [output for cell in notebook.cells for output in cell.get("outputs", [])]
+    assert not [output for output in outputs if output.output_type == "error"]
+    images = [output for output in outputs if "image/png" in output.get("data", {})]
+    assert len(images) == 3  # teacher loss, students' span losses, success rates
+    assert any("text/markdown" in output.get("data", {}) and "token_kd" in output["data"]["text/markdown"]
+               for output in outputs)
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert {run["model"] for run in report["evaluation"]["runs"]} == {"teacher", "sft", "token_kd", "sad", "cot"}

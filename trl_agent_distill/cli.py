@@ -5,9 +5,11 @@
     trl-agent-distill eval --config recipes/eval-hotpotqa.yaml
     trl-agent-distill cache-teacher --config recipes/toy_cpu.yaml --teacher_cache outputs/toy_cache
     trl-agent-distill init-tiny --output_dir outputs/toy
+    trl-agent-distill demo --config recipes/toy_demo.yaml [--stages eval report]
 
 `generate` runs a teacher as an agent over a task dataset and writes its correct trajectories (see `generation`);
-`eval` compares models as agents and as chain-of-thought answerers (see `evaluation`).
+`eval` compares models as agents and as chain-of-thought answerers (see `evaluation`); `demo` runs the whole toy-world
+pipeline (see `demo`).
 `train` parses a recipe with TRL's `TrlParser` (flat keys across the script, trainer, model and dataset-mixture
 dataclasses; command-line flags override the YAML) and runs `AgentDistillTrainer`; it also works under
 `accelerate launch -m trl_agent_distill train ...`. Recipes are checked (unknown keys, wrong types) before any model
@@ -70,6 +72,15 @@ def parse_generate_args(argv: list[str]):
     from .generation import GenerateConfig
 
     (config,) = _parse_checked(TrlParser((GenerateConfig,), prog="trl-agent-distill generate"), argv)
+    return config
+
+
+def parse_demo_args(argv: list[str]):
+    from trl import TrlParser
+
+    from .demo import DemoConfig
+
+    (config,) = _parse_checked(TrlParser((DemoConfig,), prog="trl-agent-distill demo"), argv)
     return config
 
 
@@ -190,7 +201,7 @@ def train(script_args, training_args: AgentDistillConfig, model_args, dataset_ar
     trainer.save_state()  # trainer_state.json: the log history, for plots and comparisons
     if trainer.accelerator.is_main_process:
         print(format_span_losses(trainer.state.log_history))
-        print(f"Saved the student to {training_args.output_dir}")
+        print(f"Saved the trained model to {training_args.output_dir}")
     # Release the DDP wrapper while its process group is alive: a gloo reducer freed after the group is
     # destroyed blocks the process from exiting.
     trainer.model_wrapped = trainer.model
@@ -247,7 +258,8 @@ def format_span_losses(log_history: list[dict]) -> str:
     columns = [c for c in columns if any(c in entry for entry in rows)]
     lines = ["step  " + "  ".join(f"{c:>12}" for c in columns)]
     for entry in rows:
-        lines.append(f"{entry.get('step', 0):>4}  " + "  ".join(f"{entry.get(c, float('nan')):>12.4f}" for c in columns))
+        lines.append(f"{entry.get('step', 0):>4}  " + "  ".join(
+            f"{entry[c]:>12.4f}" if c in entry else " " * 12 for c in columns))
     return "\n".join(lines)
 
 
@@ -286,6 +298,7 @@ def evaluate(config) -> dict:
 
 
 COMMANDS = {
+    "demo": "the toy-world pipeline: teacher, generated data, four students, evaluation, report (CPU, minutes)",
     "eval": "evaluate models as agents (greedy, self-consistent) or with chain-of-thought, in one table",
     "generate": "run a teacher as an agent over tasks and keep its correct trajectories",
     "train": "distill a student from a recipe",
@@ -308,6 +321,10 @@ def run(argv: list[str] | None = None):
         raise SystemExit(0 if not argv or argv[0] in ("-h", "--help") else 2)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     command, rest = argv[0], argv[1:]
+    if command == "demo":
+        from .demo import run_demo
+
+        return run_demo(parse_demo_args(rest))
     if command == "generate":
         return generate(parse_generate_args(rest))
     if command == "eval":

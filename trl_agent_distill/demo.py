@@ -1,0 +1,355 @@
+"""The toy-world pipeline behind `make demo`: a teacher that solves tasks with tools, students distilled from it in
+four ways, and a table comparing them, on CPU in minutes with nothing downloaded.
+
+    trl-agent-distill demo --config recipes/toy_demo.yaml [--stages eval report]
+
+Stages, in order; each reads what the ones before it wrote into `output_dir`, so any of them can be re-run alone
+(`--stages`) and each starts by clearing its own outputs (results are never mixed across runs):
+
+1. `world`: a `ToyWorld` (corpus, train / test tasks about disjoint towns), the oracle's CodeAct trajectories on
+   the training tasks through the real agent loop, and its chain-of-thought answers (plan, facts, arithmetic).
+2. `teacher`: a BPE tokenizer trained on the world's text; a teacher built from a config and trained by SFT on the
+   oracle's trajectories and CoT answers; an untrained student of about a quarter of its size.
+3. `generate`: the teacher acts as an agent on the training tasks (`generate`: first-thought prefix from its own CoT
+   answer, only correct trajectories kept). These are the students' data.
+4. `distill`: one student per method, all from the same initial weights for the same number of steps:
+   `sft` (imitation of the teacher's trajectories, the Agent Distillation paper), `token_kd` (KL on every trained
+   token, `segmentation_style: none`), `sad` (KL per REASON / ACT span, each span kind averaged on its own), and
+   `cot` (the CoT answers, no tools).
+5. `eval`: teacher and agent students on the test split, greedy and with self-consistency; the CoT student and the
+   teacher also answer without tools.
+6. `report`: `report.md`, `report.json`, loss curves and success-rate bars; the table is printed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .jsonl import read_jsonl, write_jsonl
+
+STAGES = ("world", "teacher", "generate", "distill", "eval", "report")
+
+
+@dataclass(frozen=True)
+class StudentMethod:
+    """How one student is distilled: its training data and the `train` options that make the method."""
+
+    description: str
+    data: str  # "trajectories" (the teacher's, from `generate`) or "cot" (CoT answers, no tools)
+    options: dict[str, Any]
+    mode: str = "agent"  # how it is evaluated
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.options.get("lambda_reason", 1.0) > 0 or self.options.get("lambda_act", 1.0) > 0
+
+
+SFT_OPTIONS = {"lambda_reason": 0.0, "lambda_act": 0.0, "lambda_ce": 1.0, "segmentation_style": "none"}
+STUDENT_METHODS: dict[str, StudentMethod] = {
+    "sft": StudentMethod("SFT on the teacher's trajectories (Agent Distillation)", "trajectories", SFT_OPTIONS),
+    "token_kd": StudentMethod(
+        "token-level KD: forward KL on every trained token, REASON and ACT not told apart", "trajectories",
+        {"segmentation_style": "none", "lambda_reason": 0.0, "lambda_act": 1.0},
+    ),
+    "sad": StudentMethod(
+        "SAD: forward KL on REASON and on ACT spans, each kind averaged on its own, equal weights", "trajectories",
+        {"segmentation_style": "codeact", "lambda_reason": 1.0, "lambda_act": 1.0, "span_normalization": "span"},
+    ),
+    "cot": StudentMethod("SFT on chain-of-thought answers, no tools", "cot", SFT_OPTIONS, mode="cot"),
+}
+
+
+@dataclass
+class DemoConfig:
+    """Options of `trl-agent-distill demo`; the defaults are the `make demo` run (about 10 minutes on 2 cores)."""
+
+    output_dir: str = field(default="outputs/demo", metadata={"help": "Where every stage writes."})
+    stages: list[str] = field(
+        default_factory=lambda: list(STAGES),
+        metadata={"help": "Stages to run, in pipeline order.", "choices": list(STAGES)},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the world, the models and the training runs."})
+    # The world
+    num_towns: int = field(default=240, metadata={"help": "Towns in the corpus (a quarter are test towns)."})
+    train_tasks: int = field(default=400, metadata={"help": "Training tasks (oracle trajectories for the teacher)."})
+    test_tasks: int = field(default=50, metadata={"help": "Test tasks, about towns never seen in training."})
+    # The models
+    vocab_size: int = field(default=1024, metadata={"help": "Size of the BPE tokenizer trained on the world."})
+    teacher_hidden_size: int = field(default=128, metadata={"help": "Teacher width (Qwen2 architecture)."})
+    teacher_layers: int = field(default=4, metadata={"help": "Teacher depth."})
+    student_hidden_size: int = field(default=64, metadata={"help": "Student width."})
+    student_layers: int = field(default=3, metadata={"help": "Student depth."})
+    teacher_steps: int = field(default=400, metadata={"help": "SFT steps that make the teacher."})
+    teacher_cot_answers: int = field(
+        default=100,
+        metadata={"help": "CoT answers among the teacher's SFT data (its first-thought prefixes come from CoT)."},
+    )
+    # Distillation
+    generate_tasks: int = field(default=200, metadata={"help": "Training tasks the teacher runs to make data."})
+    students: list[str] = field(
+        default_factory=lambda: list(STUDENT_METHODS),
+        metadata={"help": "Distillation methods, one student each.", "choices": list(STUDENT_METHODS)},
+    )
+    student_steps: int = field(default=300, metadata={"help": "Optimizer steps of every student."})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "Trajectories per step."})
+    learning_rate: float = field(default=3e-3, metadata={"help": "Peak learning rate of every run."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule of every run."})
+    # Agents
+    max_steps: int = field(default=4, metadata={"help": "Agent steps before an episode ends unanswered."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Tokens per agent step."})
+    self_consistency: int = field(default=4, metadata={"help": "Candidates per step in the self-consistent setting."})
+    batch_size: int = field(default=25, metadata={"help": "Episodes advanced together."})
+    show_progress: bool = field(default=True, metadata={"help": "Progress bars."})
+
+    def __post_init__(self) -> None:
+        for name in self.stages:
+            if name not in STAGES:
+                raise ValueError(f"stages: unknown stage {name!r}; choose among {list(STAGES)}.")
+        for name in self.students:
+            if name not in STUDENT_METHODS:
+                raise ValueError(f"students: unknown method {name!r}; choose among {list(STUDENT_METHODS)}.")
+        for name in ("train_tasks", "test_tasks", "teacher_steps", "student_steps", "generate_tasks", "max_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.self_consistency == 1 or self.self_consistency < 0:
+            raise ValueError(f"self_consistency is 0 (off) or N >= 2 candidates, got {self.self_consistency}")
+
+    # Where each stage writes.
+    @property
+    def root(self) -> Path:
+        return Path(self.output_dir)
+
+    def path(self, name: str) -> Path:
+        return self.root / {
+            "world": "world", "oracle": "oracle", "cot_data": "world/cot_train.jsonl",
+            "teacher_data": "models/teacher_sft.jsonl", "teacher_init": "models/teacher_init",
+            "student_init": "models/student_init", "teacher": "models/teacher", "trajectories": "teacher_trajectories",
+            "students": "students", "eval": "eval",
+        }[name]
+
+
+# ---------------------------------------------------------------------------------------------- the stages
+def build_world(config: DemoConfig) -> dict[str, Any]:
+    """Write the world (corpus, tasks), the oracle's trajectories and its CoT answers on the training tasks."""
+    from .agent.backends import PolicyBackend
+    from .envs.toy import ToyWorld
+    from .generation import generate_trajectories
+    from .tasks import cot_messages
+
+    _clear(config.path("world"), config.path("oracle"))
+    world = ToyWorld.generate(config.seed, num_towns=config.num_towns, train_tasks=config.train_tasks,
+                              test_tasks=config.test_tasks)
+    paths = world.save(config.path("world"))
+    summary = generate_trajectories(
+        _agent_task_config(config, "GenerateConfig", dataset_name=str(paths["train"]), dataset_split="train",
+                           model_name_or_path="oracle", output_dir=str(config.path("oracle"))),
+        backend=PolicyBackend(world.oracle),
+    )
+    cot_rows = [
+        {"messages": [*cot_messages(task.question), {"role": "assistant", "content": world.cot_answer(task)}],
+         "task_id": task.id, "answer": task.answer}
+        for task in world.tasks("train")
+    ]
+    write_jsonl(config.path("cot_data"), cot_rows)
+    return {"towns": len(world.towns), "oracle_solved": summary["correct"], "oracle_episodes": summary["episodes"]}
+
+
+def build_teacher(config: DemoConfig) -> dict[str, Any]:
+    """Train the tokenizer, write both initial models, and make the teacher by SFT on the oracle's data."""
+    from .tiny import build_tiny_model, train_tokenizer
+
+    _need(config.path("cot_data"), "world")
+    _clear(config.path("teacher_init"), config.path("student_init"), config.path("teacher"))
+    agent_rows = read_jsonl(config.path("oracle") / "trajectories.jsonl")
+    cot_rows = read_jsonl(config.path("cot_data"))[: config.teacher_cot_answers]
+    rows = [{"messages": row["messages"]} for row in agent_rows + cot_rows]
+    write_jsonl(config.path("teacher_data"), rows)
+    corpus = read_jsonl(config.path("world") / "corpus.jsonl")
+    texts = [doc["text"] for doc in corpus] + [message["content"] for row in rows for message in row["messages"]]
+    tokenizer = train_tokenizer(texts, vocab_size=config.vocab_size)
+    sizes = {}
+    for name, hidden, layers, seed in (
+        ("teacher_init", config.teacher_hidden_size, config.teacher_layers, config.seed),
+        ("student_init", config.student_hidden_size, config.student_layers, config.seed + 1),
+    ):
+        model = build_tiny_model(tokenizer, family="qwen2", hidden_size=hidden, num_layers=layers,
+                                 num_heads=max(1, hidden // 32), seed=seed)
+        model.save_pretrained(config.path(name))
+        tokenizer.save_pretrained(config.path(name))
+        sizes[name.removesuffix("_init") + "_parameters"] = model.num_parameters()
+    _train(config, model=config.path("teacher_init"), data=config.path("teacher_data"),
+           output=config.path("teacher"), steps=config.teacher_steps, options=SFT_OPTIONS)
+    return sizes
+
+
+def generate_data(config: DemoConfig) -> dict[str, Any]:
+    """The teacher, as an agent with its first-thought prefix, on the training tasks; correct trajectories kept."""
+    from .generation import generate_trajectories
+
+    _need(config.path("teacher") / "config.json", "teacher")
+    _clear(config.path("trajectories"))
+    summary = generate_trajectories(_agent_task_config(
+        config, "GenerateConfig", dataset_name=str(config.path("world") / "train.jsonl"), dataset_split="train",
+        max_tasks=config.generate_tasks, model_name_or_path=str(config.path("teacher")), first_thought_prefix=True,
+        cot_max_new_tokens=48, output_dir=str(config.path("trajectories")),
+    ))
+    if summary["kept"] == 0:
+        raise RuntimeError(
+            f"The teacher solved none of its {summary['episodes']} training tasks, so there is nothing to distill; "
+            f"see {config.path('trajectories') / 'episodes.jsonl'} and give it more teacher_steps."
+        )
+    return {key: summary[key] for key in ("episodes", "kept", "success_rate", "mean_steps", "parse_errors")}
+
+
+def distill_students(config: DemoConfig) -> dict[str, Any]:
+    """One student per method, from the same initial weights, for the same number of steps."""
+    data = {"trajectories": config.path("trajectories") / "trajectories.jsonl", "cot": config.path("cot_data")}
+    _need(config.path("student_init") / "config.json", "teacher")
+    if any(STUDENT_METHODS[name].data == "trajectories" for name in config.students):
+        _need(data["trajectories"], "generate")
+    seconds = {}
+    for name in config.students:
+        method = STUDENT_METHODS[name]
+        output = config.path("students") / name
+        _clear(output)
+        started = time.monotonic()
+        _train(config, model=config.path("student_init"), data=data[method.data], output=output,
+               steps=config.student_steps, options=method.options,
+               teacher=config.path("teacher") if method.uses_teacher else None)
+        seconds[name] = round(time.monotonic() - started, 1)
+    return {"seconds": seconds}
+
+
+def evaluate_models(config: DemoConfig) -> dict[str, Any]:
+    """Agents (greedy and self-consistent) and tool-free CoT answers on the test split, as one evaluation."""
+    from .evaluation import evaluate
+
+    for name in config.students:
+        _need(config.path("students") / name / "config.json", "distill")
+    _clear(config.path("eval"))
+    teacher = f"teacher={config.path('teacher')}"
+    students = {name: f"{name}={config.path('students') / name}" for name in config.students}
+    agents = [teacher] + [ref for name, ref in students.items() if STUDENT_METHODS[name].mode == "agent"]
+    answerers = [teacher] + [ref for name, ref in students.items() if STUDENT_METHODS[name].mode == "cot"]
+    runs, tasks = [], 0
+    agent_settings = [0, config.self_consistency] if config.self_consistency else [0]
+    for mode, models in (("agent", agents), ("cot", answerers)):
+        result = evaluate(_agent_task_config(
+            config, "EvalConfig", models=models, modes=[mode], self_consistency=agent_settings,
+            dataset_name=str(config.path("world") / "test.jsonl"), dataset_split="test", cot_max_new_tokens=128,
+            output_dir=str(config.path("eval") / mode),
+        ))
+        runs += result["runs"]
+        tasks = result["tasks"]
+    evaluation = {"tasks": tasks, "dataset": "the toy world's test split", "runs": runs}
+    (config.path("eval") / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
+    return {"runs": len(runs)}
+
+
+def write_demo_report(config: DemoConfig, timings: dict[str, float] | None = None) -> dict[str, Any]:
+    """The report of the whole run in `output_dir`; prints the table."""
+    from .evaluation import results_table
+    from .report import load_log_history, write_report
+
+    evaluation = json.loads(_need(config.path("eval") / "evaluation.json", "eval").read_text())
+    histories = {"teacher (SFT)": load_log_history(config.path("teacher"))}
+    for name in config.students:
+        histories[name] = load_log_history(config.path("students") / name)
+    notes = _notes(config, timings or {})
+    report = write_report(config.root, evaluation, histories, notes=notes)
+    print(results_table(evaluation["runs"]))
+    print(f"\nReport: {config.root / 'report.md'}")
+    return report
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[DemoConfig], dict[str, Any]]] = {
+    "world": build_world, "teacher": build_teacher, "generate": generate_data, "distill": distill_students,
+    "eval": evaluate_models,
+}
+
+
+def run_demo(config: DemoConfig) -> dict[str, Any]:
+    """Run the configured stages in pipeline order; stage facts and timings go to `demo_stages.json`."""
+    record_path = config.root / "demo_stages.json"
+    config.root.mkdir(parents=True, exist_ok=True)
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    for stage in (name for name in STAGES if name in config.stages):
+        print(f"\n=== {stage} ===", flush=True)
+        started = time.monotonic()
+        if stage == "report":
+            timings = {name: entry["seconds"] for name, entry in record.items()}
+            record["report"] = {"seconds": 0.0, "facts": {}}
+            write_demo_report(config, timings)
+        else:
+            facts = STAGE_FUNCTIONS[stage](config)
+            record[stage] = {"seconds": round(time.monotonic() - started, 1), "facts": facts}
+            print(json.dumps(record[stage]), flush=True)
+        record_path.write_text(json.dumps(record, indent=2))
+    return record
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _agent_task_config(config: DemoConfig, kind: str, **options: Any):
+    """A `GenerateConfig` / `EvalConfig` for the toy world: the corpus, one document per search, `task` in code."""
+    from .evaluation import EvalConfig
+    from .generation import GenerateConfig
+
+    config_class = {"GenerateConfig": GenerateConfig, "EvalConfig": EvalConfig}[kind]
+    return config_class(
+        retrieval_corpus=str(config.path("world") / "corpus.jsonl"), retrieval_top_k=1, task_variable="task",
+        max_steps=config.max_steps, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+        seed=config.seed, show_progress=config.show_progress, dtype="float32", **options,
+    )
+
+
+def _train(config: DemoConfig, *, model: Path, data: Path, output: Path, steps: int, options: dict[str, Any],
+           teacher: Path | None = None) -> None:
+    """One `trl-agent-distill train` run on CPU (same path as a recipe: parsed, checked, trained, saved)."""
+    from .cli import parse_train_args, train
+
+    argv = {
+        "model_name_or_path": model, "dataset_name": data, "dataset_format": "messages", "output_dir": output,
+        "max_steps": steps, "per_device_train_batch_size": config.per_device_train_batch_size,
+        "learning_rate": config.learning_rate, "lr_scheduler_type": config.lr_scheduler_type, "warmup_steps": 0,
+        "max_length": 1024, "logging_steps": max(1, steps // 15), "save_strategy": "no", "report_to": "none",
+        "use_cpu": True, "bf16": False, "seed": config.seed, "beta": 0.0, "lmbda": 0.0,
+        "activation_checkpointing": False, "disable_tqdm": not config.show_progress,
+        "dtype": "float32", **options,
+    }
+    if teacher is not None:
+        argv["teacher_model_name_or_path"] = teacher
+    train(*parse_train_args([f"--{key}={value}" for key, value in argv.items()]))
+
+
+def _notes(config: DemoConfig, timings: dict[str, float]) -> str:
+    methods = "\n".join(f"- `{name}`: {STUDENT_METHODS[name].description}" for name in config.students)
+    timing = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in timings.items() if stage != "report")
+    return (
+        f"Teacher: Qwen2 architecture, hidden {config.teacher_hidden_size} x {config.teacher_layers} layers, "
+        f"{config.teacher_steps} SFT steps on the oracle's trajectories and CoT answers. Students: hidden "
+        f"{config.student_hidden_size} x {config.student_layers} layers, {config.student_steps} steps each from the "
+        f"same initial weights, on the teacher's correct trajectories from {config.generate_tasks} training tasks "
+        f"(CoT student: the CoT answers of the training tasks).\n\n{methods}\n\n"
+        f"Agent settings: greedy and self-consistency with {config.self_consistency} candidates per step; `cot` rows "
+        f"answer without tools. Stage times: {timing}."
+    )
+
+
+def _need(path: Path, stage: str) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run the '{stage}' stage first (e.g. `--stages {stage}`).")
+    return path
+
+
+def _clear(*paths: Path) -> None:
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
