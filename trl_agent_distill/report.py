@@ -66,11 +66,12 @@ def plot_success_rates(rows: list[dict[str, Any]], path: str | Path) -> Path:
         by_model = {row["model"]: row["correct"] for row in rows if row["setting"] == setting}
         shift = (offset - (len(settings) - 1) / 2) * width
         evaluated = [(index, model) for index, model in enumerate(models) if model in by_model]  # no bar, not 0%
-        axis.bar([index + shift for index, _ in evaluated], [100 * by_model[model] for _, model in evaluated], width,
-                 label=setting)
+        bars = axis.bar([index + shift for index, _ in evaluated], [100 * by_model[model] for _, model in evaluated],
+                        width, label=setting)
+        axis.bar_label(bars, fmt="%.0f", fontsize=7)  # so a 0% bar still reads as measured
     axis.set_xticks(range(len(models)), models)
     axis.set_ylabel("success (%)")
-    axis.set_ylim(0, 100)
+    axis.set_ylim(0, 105)
     axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)
