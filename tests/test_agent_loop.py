@@ -209,7 +209,7 @@ def test_backend_failure_propagates_and_closes_the_sandboxes():
     agent = CodeActAgent({}, max_steps=2)
     opened = []
     original = agent.open_environment
-    agent.open_environment = lambda: opened.append(original()) or opened[-1]
+    agent.open_environment = lambda task: opened.append(original(task)) or opened[-1]
     with pytest.raises(BackendError, match="Cannot reach"):
         list(agent.run(Failing(), [Task("a", "q"), Task("b", "q")]))
     assert len(opened) == 2 and all(sandbox._closed for sandbox in opened)
@@ -298,11 +298,11 @@ def test_an_environment_that_cannot_start_ends_only_its_episode():
     agent = CodeActAgent({}, max_steps=2)
     original, calls = agent.open_environment, []
 
-    def flaky():
+    def flaky(task):
         calls.append(1)
         if len(calls) == 1:
             raise SandboxError("no processes left")
-        return original()
+        return original(task)
 
     agent.open_environment = flaky
     episodes = list(agent.run(scripted(ANSWER.replace("total", "3")), [Task("a", "q"), Task("b", "q")], batch_size=1))
