@@ -25,7 +25,7 @@ UNTRAINED, REASON, ACT = 0, 1, 2
 _KIND_CODES = {"reason": REASON, "act": ACT}
 # Columns a teacher cache adds to a dataset (see `teacher_cache`); passed through to the loss.
 CACHED_TEACHER_COLUMNS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_logprob")
-ON_MALFORMED = ("raise", "skip")
+ON_MALFORMED = ("raise", "skip", "act")
 _PROBE = "PROBE7d1f0c"  # plain text: templates that `| trim` must keep it whole
 _TRUNCATION_WARNINGS = 3  # per collator: a long dataset would otherwise flood the log every epoch
 
@@ -51,7 +51,9 @@ class AgentTrajectoryCollator:
         tokenizer: a fast tokenizer (offsets are needed); chat rows use its chat template.
         max_length: longer sequences are cut at the end, with a warning; the masks stay aligned.
         style: segmentation style (`"auto"`, `"react"`, `"alfworld"`, `"codeact"` or `"none"`).
-        on_malformed: `"raise"` a `TrajectoryFormatError`, or `"skip"` the row and count it in `num_skipped`.
+        on_malformed: `"raise"` a `TrajectoryFormatError`, `"skip"` the row and count it in `num_skipped`, or `"act"`:
+            train an assistant turn that does not segment as one ACT span (on-policy rollouts: the student's own
+            text is a sample whatever it wrote).
     """
 
     def __init__(
@@ -219,7 +221,9 @@ class AgentTrajectoryCollator:
     def _render_messages(self, messages: list[dict], tools: Any) -> tuple[str, bytearray]:
         if isinstance(tools, str):
             tools = json.loads(tools)
-        spans_per_message = segment_messages(messages, self.style)
+        spans_per_message = segment_messages(
+            messages, self.style, unparsed_as="act" if self.on_malformed == "act" else None
+        )
         text = self._apply_template(messages, tools=tools)
         char_kinds = bytearray(len(text))
         content_positions = self._locate_contents(messages, text, tools)

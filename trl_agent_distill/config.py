@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -13,6 +14,9 @@ from .losses import SPAN_NORMALIZATIONS
 from .segmentation import STYLES
 
 LOSS_IMPLEMENTATIONS = ("chunked", "logits")
+ENVIRONMENTS = ("tasks", "toy")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,8 +66,9 @@ class AgentDistillConfig(GKDConfig):
     on_malformed: str = field(
         default="raise",
         metadata={
-            "help": "What to do with a trajectory that cannot be segmented: 'raise' (naming the row and message) or "
-            "'skip' it and count it in the logs.",
+            "help": "What to do with a trajectory that cannot be segmented: 'raise' (naming the row and message), "
+            "'skip' it and count it in the logs, or 'act': train each assistant turn that does not parse as one "
+            "ACT span.",
             "choices": list(ON_MALFORMED),
         },
     )
@@ -107,10 +112,42 @@ class AgentDistillConfig(GKDConfig):
     lmbda: float = field(
         default=0.0,
         metadata={
-            "help": "Probability of replacing a batch by completions the student samples (on-policy). The samples "
-            "are segmented again, so REASON / ACT masks stay correct."
+            "help": "Probability of replacing a batch by the student's own samples (on-policy): completions of the "
+            "dataset's prompts, or whole agent episodes with `environment`. They are segmented again, so REASON / "
+            "ACT masks stay correct."
         },
     )
+    environment: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where on-policy batches (lmbda > 0) come from: unset, the student completes the dataset's "
+            "prompts (GKD); 'tasks', the student acts as an agent on `rollout_tasks` with its tools, whole episodes "
+            "with real observations; 'toy', the same in the toy world of seed `seed` (tasks, corpus, `task` "
+            "variable set for you).",
+            "choices": list(ENVIRONMENTS),
+        },
+    )
+    on_policy_start_step: int = field(
+        default=0,
+        metadata={"help": "Optimizer steps before on-policy batches start: a random student's episodes are noise "
+                  "that costs full-length generations, so let it learn the format offline first."},
+    )
+    rollout_tasks: str | None = field(
+        default=None, metadata={"help": "Task dataset (question, answer) the student acts on; a .jsonl file or hub name."}
+    )
+    rollout_corpus: str | None = field(
+        default=None, metadata={"help": "Corpus of the rollouts' search tool (see `generate`); none: no search tool."}
+    )
+    rollout_agent: str = field(default="codeact", metadata={"help": "Agent format of the rollouts.",
+                                                            "choices": ["codeact", "react"]})
+    rollout_task_variable: str | None = field(
+        default=None, metadata={"help": "CodeAct: put the task text in this sandbox variable (e.g. `task`)."}
+    )
+    rollout_retrieval_top_k: int = field(default=3, metadata={"help": "Documents per search in rollouts."})
+    rollout_max_steps: int = field(default=5, metadata={"help": "Agent steps before a rollout ends."})
+    rollout_max_new_tokens: int = field(default=256, metadata={"help": "Tokens per rollout step."})
+    rollout_temperature: float = field(default=0.9, metadata={"help": "Sampling temperature of rollouts."})
+    rollout_top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass of rollouts."})
     beta: float = field(
         default=0.0,
         metadata={"help": "0: forward KL(teacher || student) as in SAD; 1: reverse KL; between: generalized JSD."},
@@ -141,6 +178,12 @@ class AgentDistillConfig(GKDConfig):
                 "teacher_cache holds the teacher on the dataset's trajectories only; on-policy samples (lmbda > 0, "
                 "seq_kd) need a live teacher: drop teacher_cache or set lmbda=0, seq_kd=False."
             )
+        if self.environment not in (None, *ENVIRONMENTS):
+            raise ValueError(f"environment must be one of {ENVIRONMENTS} or unset, got {self.environment!r}.")
+        if self.environment == "tasks" and not self.rollout_tasks:
+            raise ValueError("environment: tasks needs `rollout_tasks` (a dataset of questions and answers to act on).")
+        if self.environment is not None and self.lmbda == 0:
+            logger.warning("environment is set but lmbda is 0: no rollouts will run (set lmbda > 0 for on-policy).")
         if self.teacher_cache_topk < 1:
             raise ValueError(f"teacher_cache_topk must be at least 1, got {self.teacher_cache_topk}.")
         if self.teacher_load_in_4bit and self.teacher_load_in_8bit:
@@ -151,6 +194,22 @@ class AgentDistillConfig(GKDConfig):
             raise ValueError("lambda_reason, lambda_act and lambda_ce must be non-negative.")
         if self.lambda_reason == self.lambda_act == self.lambda_ce == 0:
             raise ValueError("All of lambda_reason, lambda_act and lambda_ce are 0: nothing would be trained.")
+
+    def rollout_task_config(self, toy_world_dir: str | None = None):
+        """The agent settings of rollouts as an `AgentTaskConfig` (toy: the world written to `toy_world_dir`)."""
+        from .tasks import AgentTaskConfig
+
+        options = dict(
+            dataset_name=self.rollout_tasks, dataset_split="train", agent=self.rollout_agent,
+            retrieval_corpus=self.rollout_corpus, retrieval_top_k=self.rollout_retrieval_top_k,
+            task_variable=self.rollout_task_variable, max_steps=self.rollout_max_steps,
+            max_new_tokens=self.rollout_max_new_tokens, temperature=self.rollout_temperature, top_p=self.rollout_top_p,
+            seed=self.seed, show_progress=False,
+        )
+        if self.environment == "toy":
+            options.update(dataset_name=f"{toy_world_dir}/train.jsonl", retrieval_corpus=f"{toy_world_dir}/corpus.jsonl",
+                           agent="codeact", task_variable=self.rollout_task_variable or "task", retrieval_top_k=1)
+        return AgentTaskConfig(**options)
 
     @property
     def uses_divergence(self) -> bool:

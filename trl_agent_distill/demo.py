@@ -15,7 +15,8 @@ Stages, in order; each reads what the ones before it wrote into `output_dir`, so
 4. `distill`: one student per method, all from the same initial weights for the same number of steps:
    `sft` (imitation of the teacher's trajectories, the Agent Distillation paper), `token_kd` (KL on every trained
    token, `segmentation_style: none`), `sad` (KL per REASON / ACT span, each span kind averaged on its own), and
-   `cot` (the CoT answers, no tools).
+   `cot` (the CoT answers, no tools). Not in the default run: `sad_lmbda0.5` / `sad_lmbda1`, SAD whose batches,
+   after the first half of the steps, are the student's own episodes (graded by the teacher) with that probability.
 5. `eval`: teacher and agent students on the test split, greedy and with self-consistency; the CoT student and the
    teacher also answer without tools.
 6. `report`: `report.md`, `report.json`, loss curves and success-rate bars; the table is printed.
@@ -51,6 +52,7 @@ class StudentMethod:
 
 
 SFT_OPTIONS = {"lambda_reason": 0.0, "lambda_act": 0.0, "lambda_ce": 1.0, "segmentation_style": "none"}
+_SAD_OPTIONS = {"segmentation_style": "codeact", "lambda_reason": 1.0, "lambda_act": 1.0, "span_normalization": "span"}
 STUDENT_METHODS: dict[str, StudentMethod] = {
     "sft": StudentMethod("SFT on the teacher's trajectories (Agent Distillation)", "trajectories", SFT_OPTIONS),
     "token_kd": StudentMethod(
@@ -59,9 +61,20 @@ STUDENT_METHODS: dict[str, StudentMethod] = {
     ),
     "sad": StudentMethod(
         "SAD: forward KL on REASON and on ACT spans, each kind averaged on its own, equal weights", "trajectories",
-        {"segmentation_style": "codeact", "lambda_reason": 1.0, "lambda_act": 1.0, "span_normalization": "span"},
+        _SAD_OPTIONS,
     ),
     "cot": StudentMethod("SFT on chain-of-thought answers, no tools", "cot", SFT_OPTIONS, mode="cot"),
+    # On-policy SAD (not in the default run: rollouts cost CPU time). The first half of the steps is offline SAD
+    # (`on_policy_start_step`), because a random student's episodes are noise that costs full-length generations;
+    # then, with probability lmbda, a batch is the student's own episodes in the toy world (tools run for real),
+    # graded span by span. One run, one learning-rate schedule, the same steps as the others.
+    "sad_lmbda0.5": StudentMethod(
+        "SAD, on-policy half the time after the first half of the steps: the student's own episodes graded by the "
+        "teacher", "trajectories", {**_SAD_OPTIONS, "lmbda": 0.5},
+    ),
+    "sad_lmbda1": StudentMethod(
+        "SAD, on-policy always after the first half of the steps", "trajectories", {**_SAD_OPTIONS, "lmbda": 1.0},
+    ),
 }
 
 
@@ -93,7 +106,7 @@ class DemoConfig:
     # Distillation
     generate_tasks: int = field(default=200, metadata={"help": "Training tasks the teacher runs to make data."})
     students: list[str] = field(
-        default_factory=lambda: list(STUDENT_METHODS),
+        default_factory=lambda: ["sft", "token_kd", "sad", "cot"],
         metadata={"help": "Distillation methods, one student each.", "choices": list(STUDENT_METHODS)},
     )
     student_steps: int = field(default=300, metadata={"help": "Optimizer steps of every student."})
@@ -218,12 +231,21 @@ def distill_students(config: DemoConfig) -> dict[str, Any]:
         method = STUDENT_METHODS[name]
         output = config.path("students") / name
         _clear(output)
+        options = dict(method.options)
+        if options.get("lmbda", 0) > 0:  # the student acts on the training tasks, as the teacher did
+            options.update(
+                environment="tasks", rollout_tasks=config.path("world") / "train.jsonl",
+                rollout_corpus=config.path("world") / "corpus.jsonl", rollout_task_variable="task",
+                rollout_retrieval_top_k=1, rollout_max_steps=config.max_steps,
+                rollout_max_new_tokens=config.max_new_tokens, on_policy_start_step=config.student_steps // 2,
+            )
         started = time.monotonic()
         _train(config, model=config.path("student_init"), data=data[method.data], output=output,
-               steps=config.student_steps, options=method.options,
+               steps=config.student_steps, options=options,
                teacher=config.path("teacher") if method.uses_teacher else None)
         seconds[name] = round(time.monotonic() - started, 1)
-    return {"seconds": seconds}
+    per_step = {name: round(value / config.student_steps, 3) for name, value in seconds.items()}
+    return {"seconds": seconds, "seconds_per_step": per_step}
 
 
 def evaluate_models(config: DemoConfig) -> dict[str, Any]:

@@ -155,16 +155,34 @@ def segment_text(text: str, style: str = "auto", *, role: str | None = None) -> 
     return spans
 
 
-def segment_messages(messages: list[dict], style: str = "auto") -> list[list[Span]]:
+def segment_messages(messages: list[dict], style: str = "auto", *, unparsed_as: str | None = None) -> list[list[Span]]:
     """One span list per message, with offsets into that message's `content`.
 
     With `style="auto"` the style is detected once from all assistant contents together, so a last turn that
     holds only part of the format (e.g. a CodeAct `Thought:` before the final answer) is read the same way.
+    `unparsed_as="act"` (or `"reason"`) makes an assistant turn that does not segment one span of that kind instead
+    of an error: a student's own rollout is a training sample whatever it wrote.
     """
     _check_style(style)
     _check_conversation(messages)
-    resolved = _conversation_style(messages, style)
-    return [_segment_message(message, index, resolved) for index, message in enumerate(messages)]
+    if unparsed_as is not None and unparsed_as not in ("reason", "act"):
+        raise ValueError(f"unparsed_as must be 'reason', 'act' or None, got {unparsed_as!r}")
+    try:
+        resolved = _conversation_style(messages, style)
+    except TrajectoryFormatError:
+        if unparsed_as is None:
+            raise
+        resolved = None
+    spans = []
+    for index, message in enumerate(messages):
+        try:
+            spans.append(_segment_message(message, index, resolved))
+        except TrajectoryFormatError:
+            content = message.get("content") or ""
+            if unparsed_as is None or message["role"] != "assistant":
+                raise
+            spans.append([Span(unparsed_as, 0, len(content))])
+    return spans
 
 
 # ---------------------------------------------------------------------------------------------- conversations

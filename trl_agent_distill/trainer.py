@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import random
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,11 +36,15 @@ from .collator import ACT, REASON, AgentTrajectoryCollator
 from .config import AgentDistillConfig
 from .heads import FinalHiddenStates, LogitHead, final_norm, logit_head
 from .losses import DenseTeacher, SparseTeacher, chunked_span_divergence_loss, span_divergence_loss
+from .rollout import AgentRollouts
 from .teacher_cache import attach_teacher_cache, load_teacher_cache, run_fingerprint, sparse_teacher_from_batch
 
 logger = logging.getLogger(__name__)
 
 _STAT_NAMES = ("reason_sum", "reason_tokens", "act_sum", "act_tokens", "ce_sum")
+# Summed over a logging window: how many rollout batches ran, their wall time, episodes, and trained tokens per kind.
+_ROLLOUT_STAT_NAMES = ("rollout_batches", "rollout_seconds", "rollout_episodes", "rollout_skipped_empty",
+                       "rollout_errors", "rollout_fallback_batches", "rollout_tokens_reason", "rollout_tokens_act")
 
 
 class AgentDistillTrainer(GKDTrainer):
@@ -178,6 +183,8 @@ class AgentDistillTrainer(GKDTrainer):
 
         self._span_token_counts: tuple[torch.Tensor, torch.Tensor] | None = None
         self._span_stats = {mode: torch.zeros(len(_STAT_NAMES), dtype=torch.float64) for mode in ("train", "eval")}
+        self._rollouts = self._setup_rollouts(args) if args.lmbda > 0 and args.environment else None
+        self._rollout_stats = dict.fromkeys(_ROLLOUT_STAT_NAMES, 0.0)
 
     # ------------------------------------------------------------------ setup
     def _attach_teacher_cache(self, dataset, tokenizer, args: AgentDistillConfig):
@@ -212,12 +219,33 @@ class AgentDistillTrainer(GKDTrainer):
             )
         return min(student_size, teacher_size)
 
+    def _setup_rollouts(self, args: AgentDistillConfig) -> AgentRollouts:
+        """The student's environment for on-policy episodes (`environment`); the toy world is written once."""
+        toy_world_dir = None
+        if args.environment == "toy":
+            from .envs.toy import ToyWorld
+
+            toy_world_dir = str(Path(args.output_dir) / "toy_world")
+            if self.accelerator.is_main_process:
+                ToyWorld.generate(args.seed).save(toy_world_dir)
+            self.accelerator.wait_for_everyone()
+        style = args.segmentation_style if args.segmentation_style != "auto" else args.rollout_agent
+        self._rollout_collator = AgentTrajectoryCollator(
+            self.processing_class, max_length=args.max_length, style=style, on_malformed="act"
+        )
+        return AgentRollouts(args.rollout_task_config(toy_world_dir), self.processing_class,
+                             seed=args.seed + self.accelerator.process_index)
+
     # ------------------------------------------------------------------ training
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
-        """GKD's step, with the REASON / ACT masks of generated completions rebuilt from their text."""
+        """GKD's step, with the REASON / ACT masks of generated completions rebuilt from their text; with an
+        `environment`, the on-policy batch is instead whole agent episodes the student plays."""
         generator = None
-        if random.random() < self.lmbda:
-            generator = model
+        if random.random() < self.lmbda and self.state.global_step >= self.args.on_policy_start_step:
+            if self._rollouts is None:
+                generator = model
+            else:
+                inputs = self._rollout_inputs(model, inputs["input_ids"].shape[0]) or inputs
         elif self.seq_kd:
             generator = self.teacher_model
         if generator is not None:
@@ -236,6 +264,30 @@ class AgentDistillTrainer(GKDTrainer):
             # normalize each micro-batch locally and let the Trainer average over accumulation steps.
             num_items_in_batch = None
         return SFTTrainer.training_step(self, model, inputs, num_items_in_batch)
+
+    def _rollout_inputs(self, model: nn.Module, count: int) -> dict[str, torch.Tensor] | None:
+        """A batch of `count` student episodes, collated and on the device; None when every episode was empty."""
+        with unwrap_model_for_generation(
+            model,
+            self.accelerator,
+            generation_kwargs=self.generation_kwargs,
+            gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+        ) as unwrapped:
+            batch = self._rollouts.collect(unwrapped, count)
+        model.train()  # the generation backend switched the student to eval mode
+        stats = self._rollout_stats
+        stats["rollout_batches"] += 1
+        stats["rollout_seconds"] += batch.seconds
+        stats["rollout_episodes"] += batch.episodes
+        stats["rollout_skipped_empty"] += batch.skipped_empty
+        stats["rollout_errors"] += len(batch.errors)
+        if not batch.rows:
+            stats["rollout_fallback_batches"] += 1  # nothing to learn from: the dataset batch is used instead
+            return None
+        collated = self._rollout_collator(batch.rows)
+        stats["rollout_tokens_reason"] += float(collated["reason_mask"].sum())
+        stats["rollout_tokens_act"] += float(collated["act_mask"].sum())
+        return self._prepare_inputs(collated)
 
     def _relabel_generated(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int) -> dict:
         collator = self._mask_collator()
@@ -376,6 +428,10 @@ class AgentDistillTrainer(GKDTrainer):
             metrics["tokens_act"] = [stats["act_tokens"]]
             if mode == "train" and self.num_malformed_skipped:
                 metrics["malformed_rows_skipped"] = [self.num_malformed_skipped]
+        if mode == "train" and self._rollout_stats["rollout_batches"]:
+            for name, value in self._rollout_stats.items():
+                self._metrics[mode][name] = [value]
+            self._rollout_stats = dict.fromkeys(_ROLLOUT_STAT_NAMES, 0.0)
         self._span_stats[mode].zero_()
         super().log(logs, start_time)
 
