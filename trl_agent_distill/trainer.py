@@ -249,12 +249,7 @@ class AgentDistillTrainer(GKDTrainer):
         elif self.seq_kd:
             generator = self.teacher_model
         if generator is not None:
-            with unwrap_model_for_generation(
-                generator,
-                self.accelerator,
-                generation_kwargs=self.generation_kwargs,
-                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
-            ) as unwrapped:
+            with self._unwrapped_for_generation(generator) as unwrapped:
                 input_ids, attention_mask, _ = self.generate_on_policy_outputs(
                     unwrapped, inputs, self.generation_config
                 )
@@ -265,14 +260,17 @@ class AgentDistillTrainer(GKDTrainer):
             num_items_in_batch = None
         return SFTTrainer.training_step(self, model, inputs, num_items_in_batch)
 
-    def _rollout_inputs(self, model: nn.Module, count: int) -> dict[str, torch.Tensor] | None:
-        """A batch of `count` student episodes, collated and on the device; None when every episode was empty."""
-        with unwrap_model_for_generation(
+    def _unwrapped_for_generation(self, model: nn.Module):
+        return unwrap_model_for_generation(
             model,
             self.accelerator,
             generation_kwargs=self.generation_kwargs,
             gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
-        ) as unwrapped:
+        )
+
+    def _rollout_inputs(self, model: nn.Module, count: int) -> dict[str, torch.Tensor] | None:
+        """A batch of `count` student episodes, collated and on the device; None when every episode was empty."""
+        with self._unwrapped_for_generation(model) as unwrapped:
             batch = self._rollouts.collect(unwrapped, count)
         model.train()  # the generation backend switched the student to eval mode
         stats = self._rollout_stats
