@@ -17,9 +17,14 @@ pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
-def world_dir(tmp_path_factory):
+def world():
+    return ToyWorld.generate(seed=5, num_towns=30, train_tasks=12, test_tasks=4)
+
+
+@pytest.fixture(scope="module")
+def world_dir(world, tmp_path_factory):
     directory = tmp_path_factory.mktemp("world")
-    ToyWorld.generate(seed=5, num_towns=30, train_tasks=12, test_tasks=4).save(directory)
+    world.save(directory)
     return directory
 
 
@@ -42,8 +47,7 @@ def test_a_reply_that_does_not_parse_is_one_act_span_only_when_asked():
     assert [(span.kind, span.start, span.end) for span in spans[1]] == [("act", 0, len(messages[1]["content"]))]
 
 
-def test_rollouts_are_whole_episodes_with_observations_left_untrained(tmp_path, world_dir, tiny_tokenizer):
-    world = ToyWorld.generate(seed=5, num_towns=30, train_tasks=12, test_tasks=4)
+def test_rollouts_are_whole_episodes_with_observations_left_untrained(tmp_path, world, world_dir, tiny_tokenizer):
     config = rollout_args(tmp_path, world_dir).rollout_task_config()
     rollouts = AgentRollouts(config, tiny_tokenizer, seed=0)
     batch = rollouts.collect(None, 3, backend=PolicyBackend(world.oracle))
@@ -57,8 +61,8 @@ def test_rollouts_are_whole_episodes_with_observations_left_untrained(tmp_path, 
         assert "Document 1" not in trained and "New task" not in trained
 
 
-def test_a_well_formed_rollout_is_collated_exactly_like_a_dataset_row(world_dir, tiny_tokenizer):
-    rows = _rows(world_dir).to_list()
+def test_a_well_formed_rollout_is_collated_exactly_like_a_dataset_row(world, world_dir, tiny_tokenizer):
+    rows = _rows(world, world_dir).to_list()
     rollout = AgentTrajectoryCollator(tiny_tokenizer, style="codeact", on_malformed="act")(rows)
     dataset = AgentTrajectoryCollator(tiny_tokenizer, style="codeact")(rows)
     assert rollout.keys() == dataset.keys()
@@ -66,10 +70,10 @@ def test_a_well_formed_rollout_is_collated_exactly_like_a_dataset_row(world_dir,
         assert (rollout[key] == dataset[key]).all(), key
 
 
-def test_on_policy_batches_wait_for_on_policy_start_step(tmp_path, world_dir, tiny_model_dir):
+def test_on_policy_batches_wait_for_on_policy_start_step(tmp_path, world, world_dir, tiny_model_dir):
     args = rollout_args(tmp_path, world_dir, max_steps=3, on_policy_start_step=2)
     trainer = AgentDistillTrainer(model=str(tiny_model_dir("student")), teacher_model=str(tiny_model_dir("teacher")),
-                                  args=args, train_dataset=_rows(world_dir))
+                                  args=args, train_dataset=_rows(world, world_dir))
     trainer.train()
     logged = [entry["step"] for entry in trainer.state.log_history if "rollout_batches" in entry]
     assert logged == [3]  # steps 1 and 2 trained on the dataset, step 3 on the student's episodes
@@ -125,11 +129,11 @@ def test_the_toy_environment_and_bad_settings(tmp_path, world_dir):
         AgentRollouts(rollout_args(tmp_path, world_dir, rollout_tasks=str(bad)).rollout_task_config(), None)
 
 
-def test_the_on_policy_recipe_trains_on_cpu(tmp_path, world_dir, tiny_model_dir):
+def test_the_on_policy_recipe_trains_on_cpu(tmp_path, world, world_dir, tiny_model_dir):
     from trl_agent_distill.cli import run
 
     trajectories = tmp_path / "trajectories.jsonl"
-    _rows(world_dir).to_json(trajectories)
+    _rows(world, world_dir).to_json(trajectories)
     trainer = run([
         "train", "--config", str(Path(__file__).resolve().parents[1] / "recipes" / "toy_onpolicy_sad.yaml"),
         "--model_name_or_path", str(tiny_model_dir("student")), "--teacher_model_name_or_path",
@@ -145,7 +149,7 @@ def test_the_on_policy_recipe_trains_on_cpu(tmp_path, world_dir, tiny_model_dir)
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
-def test_a_qlora_student_plays_its_episodes_through_its_adapters(tmp_path, world_dir, tiny_model_dir):
+def test_a_qlora_student_plays_its_episodes_through_its_adapters(tmp_path, world, world_dir, tiny_model_dir):
     import torch
     from bitsandbytes.nn import Linear4bit
     from peft import LoraConfig
@@ -154,7 +158,7 @@ def test_a_qlora_student_plays_its_episodes_through_its_adapters(tmp_path, world
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     trainer = AgentDistillTrainer(
         model=str(tiny_model_dir("student")), teacher_model=str(tiny_model_dir("teacher")),
-        args=rollout_args(tmp_path, world_dir, learning_rate=1e-2), train_dataset=_rows(world_dir),
+        args=rollout_args(tmp_path, world_dir, learning_rate=1e-2), train_dataset=_rows(world, world_dir),
         quantization_config=quantization,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
     )
@@ -165,11 +169,10 @@ def test_a_qlora_student_plays_its_episodes_through_its_adapters(tmp_path, world
     assert any(not torch.equal(p, lora_before[n]) for n, p in trainer.model.named_parameters() if "lora_" in n)
 
 
-def _rows(world_dir):
-    """A few oracle trajectories of the world, as the off-policy dataset."""
+def _rows(world, world_dir):
+    """A few oracle trajectories of `world` (saved in `world_dir`), as the off-policy dataset."""
     import datasets
 
-    world = ToyWorld.generate(seed=5, num_towns=30, train_tasks=12, test_tasks=4)
     config = AgentDistillConfig(output_dir="unused", environment="tasks", rollout_tasks=str(world_dir / "train.jsonl"),
                                 rollout_corpus=str(world_dir / "corpus.jsonl"), rollout_task_variable="task",
                                 rollout_retrieval_top_k=1, use_cpu=True).rollout_task_config()

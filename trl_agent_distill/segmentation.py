@@ -178,10 +178,9 @@ def segment_messages(messages: list[dict], style: str = "auto", *, unparsed_as: 
         try:
             spans.append(_segment_message(message, index, resolved))
         except TrajectoryFormatError:
-            content = message.get("content") or ""
             if unparsed_as is None or message["role"] != "assistant":
                 raise
-            spans.append([Span(unparsed_as, 0, len(content))])
+            spans.append([Span(unparsed_as, 0, len(message.get("content") or ""))])
     return spans
 
 
