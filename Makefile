@@ -1,19 +1,20 @@
-# `make test` and `make demo` set up .venv on first use (CPU torch first, so no CUDA wheels are pulled).
+# `make test` and `make demo` set up .venv on first use (CPU torch first, so no CUDA wheels are pulled), with every
+# package pinned by constraints.txt: the versions the suite was last green with.
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+PIP_QUIET := --quiet --no-input
 export HF_HUB_OFFLINE ?= 1
 export TRL_EXPERIMENTAL_SILENCE ?= 1
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo clean upgrade-constraints
 
 setup: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
-	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet torch==2.13.0
-	$(PYTHON) -m pip install --quiet -e ".[test]"
+	$(PYTHON) -m pip install $(PIP_QUIET) -c constraints.txt torch
+	$(PYTHON) -m pip install $(PIP_QUIET) -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
 test: setup
@@ -21,6 +22,20 @@ test: setup
 
 demo: setup
 	$(VENV)/bin/trl-agent-distill demo --config recipes/toy_demo.yaml
+
+# A fresh resolve of setup.cfg's ranges (newest compatible releases) written to constraints.txt; run `make test` on
+# it before committing.
+upgrade-constraints:
+	rm -rf .venv-resolve
+	python3 -m venv .venv-resolve
+	.venv-resolve/bin/python -m pip install $(PIP_QUIET) --upgrade pip
+	.venv-resolve/bin/python -m pip install $(PIP_QUIET) "torch==$$(sed -n 's/^torch==//p' constraints.txt)"
+	.venv-resolve/bin/python -m pip install $(PIP_QUIET) -e ".[test]"
+	{ sed -n '/^#/p' constraints.txt; .venv-resolve/bin/python -m pip freeze --exclude-editable \
+		| sed 's/^\(torch==[^+]*\)+cpu$$/\1/'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf .venv-resolve
+	@echo "constraints.txt regenerated: run 'make test' (it reinstalls .venv) before committing it."
 
 clean:
 	rm -rf $(VENV) outputs

@@ -45,15 +45,37 @@ def toy_dataset():
 
 @pytest.fixture
 def tiny_model_dir(tmp_path, tiny_tokenizer, make_model):
-    """A directory holding a one-layer tiny chat model and its tokenizer, loadable by name like a hub model."""
+    """A directory holding a one-layer tiny chat model and its tokenizer, loadable by name like a hub model.
 
-    def save(name: str = "model"):
+    The default width (32) is below what bitsandbytes' 4-bit CPU kernels accept: 4-bit tests ask for 64.
+    """
+
+    def save(name: str = "model", hidden_size: int = 32):
         directory = tmp_path / name
-        make_model("student", hidden_size=32, num_layers=1).save_pretrained(directory)
+        make_model("student", hidden_size=hidden_size, num_layers=1).save_pretrained(directory)
         tiny_tokenizer.save_pretrained(directory)
         return directory
 
     return save
+
+
+@pytest.fixture
+def nf4_config():
+    """bitsandbytes' 4-bit NF4 settings for CPU tests (float32 compute)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+
+
+@pytest.fixture(params=[True, False], ids=["avx512bf16-cpu", "other-cpu"])
+def bnb_cpu_repacking(request, monkeypatch):
+    """Run a 4-bit test as on a CPU where bitsandbytes repacks 4-bit weights for inference (AVX-512 BF16) and as on
+    one where it does not, whatever this machine is: its layers read this flag when they are built."""
+    import bitsandbytes.nn.modules
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: request.param)
+    return request.param
 
 
 @pytest.fixture

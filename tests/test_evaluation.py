@@ -167,9 +167,9 @@ def test_a_crashing_sandbox_is_recorded_and_the_evaluation_goes_on(tmp_path):
 def test_models_from_directories_adapters_in_4bit_and_endpoints(tmp_path, tiny_tokenizer, make_model, tiny_model_dir):
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    base_dir = tiny_model_dir("base")
+    base_dir = tiny_model_dir("base", hidden_size=64)  # bitsandbytes' CPU kernels need 4-bit layers this wide
     adapter_dir = tmp_path / "adapter"
-    lora = get_peft_model(make_model("student", hidden_size=32, num_layers=1),
+    lora = get_peft_model(make_model("student", hidden_size=64, num_layers=1),
                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     lora.peft_config["default"].base_model_name_or_path = str(base_dir)
     lora.save_pretrained(adapter_dir)

@@ -5,10 +5,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from trl_agent_distill import AgentDistillConfig, AgentDistillTrainer
 from trl_agent_distill.agent import PolicyBackend
 from trl_agent_distill.collator import AgentTrajectoryCollator
+from trl_agent_distill.quantization import linear_4bit_layers
 from trl_agent_distill.envs import ToyWorld
 from trl_agent_distill.rollout import AgentRollouts
 from trl_agent_distill.segmentation import TrajectoryFormatError, segment_messages
@@ -149,17 +151,16 @@ def test_the_on_policy_recipe_trains_on_cpu(tmp_path, world, world_dir, tiny_mod
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
-def test_a_qlora_student_plays_its_episodes_through_its_adapters(tmp_path, world, world_dir, tiny_model_dir):
-    import torch
+def test_a_qlora_student_plays_its_episodes_through_its_adapters(
+    bnb_cpu_repacking, nf4_config, tmp_path, world, world_dir, tiny_model_dir
+):
     from bitsandbytes.nn import Linear4bit
     from peft import LoraConfig
-    from transformers import BitsAndBytesConfig
 
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     trainer = AgentDistillTrainer(
-        model=str(tiny_model_dir("student")), teacher_model=str(tiny_model_dir("teacher")),
+        model=str(tiny_model_dir("student", hidden_size=64)), teacher_model=str(tiny_model_dir("teacher")),
         args=rollout_args(tmp_path, world_dir, learning_rate=1e-2), train_dataset=_rows(world, world_dir),
-        quantization_config=quantization,
+        quantization_config=nf4_config,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
     )
     lora_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
@@ -167,6 +168,43 @@ def test_a_qlora_student_plays_its_episodes_through_its_adapters(tmp_path, world
     assert isinstance(trainer.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer, Linear4bit)
     assert sum(entry.get("rollout_batches", 0) for entry in trainer.state.log_history) == 2
     assert any(not torch.equal(p, lora_before[n]) for n, p in trainer.model.named_parameters() if "lora_" in n)
+
+
+def test_training_after_rollouts_and_evaluation_equals_training_without_them(
+    bnb_cpu_repacking, nf4_config, tmp_path, world, world_dir, tiny_model_dir
+):
+    from peft import LoraConfig
+
+    rows = _rows(world, world_dir)
+    trainer = AgentDistillTrainer(
+        model=str(tiny_model_dir("student", hidden_size=64)), teacher_model=str(tiny_model_dir("teacher")),
+        args=rollout_args(tmp_path, world_dir), train_dataset=rows, quantization_config=nf4_config,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    model = trainer.model
+    batch = trainer._prepare_inputs(trainer.data_collator(rows.to_list()[:2]))
+
+    def training_step():
+        model.train()
+        model.zero_grad()
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = training_step()
+    assert trainer._rollout_inputs(model, 2) is not None  # the student generates its episodes in eval mode
+    model.eval()
+    with torch.no_grad():  # as Trainer.evaluate runs it
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    loss_after, grads_after = training_step()
+
+    assert any("lora_B" in name for name in grads) and any(grad.abs().sum() > 0 for grad in grads.values())
+    assert torch.equal(loss, loss_after)
+    assert grads.keys() == grads_after.keys()
+    for name in grads:
+        assert torch.equal(grads[name], grads_after[name]), name
+    layers = linear_4bit_layers(model)
+    assert layers and not any(getattr(layer.weight.quant_state, "packing_format_for_cpu", False) for _, layer in layers)
 
 
 def _rows(world, world_dir):

@@ -206,15 +206,15 @@ def test_malformed_rows_fail_before_training_or_are_skipped(tmp_path, make_model
     assert logged(trainer, "malformed_rows_skipped") == [1]
 
 
-def test_qlora_student_and_4bit_teacher_train_on_cpu(tmp_path, make_model, tiny_tokenizer, toy_dataset):
+def test_qlora_student_and_4bit_teacher_train_on_cpu(
+    bnb_cpu_repacking, nf4_config, tmp_path, make_model, tiny_tokenizer, toy_dataset
+):
     from bitsandbytes.nn import Linear4bit
     from peft import LoraConfig
-    from transformers import BitsAndBytesConfig
 
     for role in ("student", "teacher"):
         make_model(role).save_pretrained(tmp_path / role)
         tiny_tokenizer.save_pretrained(tmp_path / role)
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     args = make_args(tmp_path, max_steps=3, teacher_load_in_4bit=True, learning_rate=1e-2)
     trainer = AgentDistillTrainer(
         model=str(tmp_path / "student"),
@@ -222,7 +222,7 @@ def test_qlora_student_and_4bit_teacher_train_on_cpu(tmp_path, make_model, tiny_
         args=args,
         train_dataset=toy_dataset,
         processing_class=tiny_tokenizer,
-        quantization_config=quantization,
+        quantization_config=nf4_config,
         peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
     )
     assert isinstance(trainer.teacher_model.model.layers[0].self_attn.q_proj, Linear4bit)

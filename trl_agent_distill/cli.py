@@ -217,6 +217,7 @@ def cache_teacher(script_args, training_args: AgentDistillConfig, model_args, da
     from trl.trainer.utils import create_model_from_path
 
     from .collator import AgentTrajectoryCollator
+    from .quantization import keep_4bit_training_layout
     from .teacher_cache import build_teacher_cache, run_fingerprint
 
     args = training_args
@@ -232,6 +233,7 @@ def cache_teacher(script_args, training_args: AgentDistillConfig, model_args, da
     teacher = create_model_from_path(args.teacher_model_name_or_path, **args.teacher_init_kwargs(state.device))
     if args.teacher_quantization_config() is None:
         teacher = teacher.to(state.device)
+    keep_4bit_training_layout(teacher, "teacher")  # cached logits must equal the ones a live teacher gives in training
     fingerprint = run_fingerprint(args, tokenizer, dataset, teacher_revision=getattr(teacher.config, "_commit_hash", None))
     path = build_teacher_cache(
         teacher.eval(),

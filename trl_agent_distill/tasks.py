@@ -15,6 +15,7 @@ from typing import Any
 
 from .agent.backends import GenerationBackend, OpenAIBackend, SamplingParams, TransformersBackend
 from .agent.loop import Agent, CodeActAgent, ReActAgent, SelfConsistency, Task
+from .quantization import check_4bit_layers_packable
 
 logger = logging.getLogger(__name__)
 
@@ -184,4 +185,6 @@ def load_backend(model: str, config: AgentTaskConfig, *, base_url: str | None = 
             load_in_4bit=True, bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
         )
-    return TransformersBackend.from_pretrained(model, dtype=config.dtype, batch_size=config.batch_size, **model_kwargs)
+    backend = TransformersBackend.from_pretrained(model, dtype=config.dtype, batch_size=config.batch_size, **model_kwargs)
+    check_4bit_layers_packable(backend.model, model)
+    return backend

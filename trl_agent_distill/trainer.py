@@ -36,6 +36,7 @@ from .collator import ACT, REASON, AgentTrajectoryCollator
 from .config import AgentDistillConfig
 from .heads import FinalHiddenStates, LogitHead, final_norm, logit_head
 from .losses import DenseTeacher, SparseTeacher, chunked_span_divergence_loss, span_divergence_loss
+from .quantization import keep_4bit_training_layout
 from .rollout import AgentRollouts
 from .teacher_cache import attach_teacher_cache, load_teacher_cache, run_fingerprint, sparse_teacher_from_batch
 
@@ -145,6 +146,7 @@ class AgentDistillTrainer(GKDTrainer):
         )
         # Our loss divides by `num_items_in_batch` itself, so the Trainer must count it and not rescale the loss.
         self.model_accepts_loss_kwargs = True
+        keep_4bit_training_layout(self.model, "student")  # rollouts and evaluation must not change how it trains
 
         self.teacher_model = None
         self._shared_vocab_size = self.model.config.get_text_config().vocab_size
@@ -152,6 +154,7 @@ class AgentDistillTrainer(GKDTrainer):
             if isinstance(teacher_model, str):
                 teacher_model = self._load_teacher(teacher_model)
             self._shared_vocab_size = self._check_vocabularies(teacher_model)
+            keep_4bit_training_layout(teacher_model, "teacher")  # the same logits on every CPU, live or cached
             if self.is_deepspeed_enabled:
                 self.teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
             else:
