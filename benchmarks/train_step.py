@@ -209,12 +209,15 @@ def run_startup(args) -> dict:
         encoded_rows.append(1)
         return encode(self, row, *a, **k)
 
-    AgentTrajectoryCollator.encode = counting_encode
     config = AgentDistillConfig(output_dir=str(folder / "out"), use_cpu=True, report_to="none", max_steps=1)
-    started = time.perf_counter()
-    trainer = AgentDistillTrainer(model=student, teacher_model=teacher, args=config, train_dataset=dataset,
-                                  processing_class=tokenizer)
-    startup_s = time.perf_counter() - started
+    AgentTrajectoryCollator.encode = counting_encode
+    try:
+        started = time.perf_counter()
+        trainer = AgentDistillTrainer(model=student, teacher_model=teacher, args=config, train_dataset=dataset,
+                                      processing_class=tokenizer)
+        startup_s = time.perf_counter() - started
+    finally:
+        AgentTrajectoryCollator.encode = encode
     rows_encoded = len(encoded_rows)
     # Data time of a batch of these rows: what the dataloader does per step, fetching rows and collating them.
     batch_times = []
