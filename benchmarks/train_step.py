@@ -72,6 +72,7 @@ def run_variant(args) -> dict:
 
     from trl_agent_distill import AgentDistillConfig, AgentDistillTrainer
     from trl_agent_distill.collator import AgentTrajectoryCollator
+    from trl_agent_distill.encoding import encode_dataset, trained_token_counts
     from trl_agent_distill.teacher_cache import build_teacher_cache, run_fingerprint
     from trl_agent_distill.tiny import build_tiny_model, toy_texts, toy_trajectories, train_tokenizer
 
@@ -104,10 +105,11 @@ def run_variant(args) -> dict:
         config = AgentDistillConfig(**common, teacher_cache=str(scratch / "cache"), teacher_cache_topk=args.topk)
         collator = AgentTrajectoryCollator(tokenizer, max_length=args.max_length)
         started = time.perf_counter()
-        build_teacher_cache(teacher, collator, dataset, config.teacher_cache, run_fingerprint(config, tokenizer, dataset),
+        encoded, _ = encode_dataset(dataset, collator)
+        build_teacher_cache(teacher, collator, encoded, config.teacher_cache, run_fingerprint(config, tokenizer, encoded),
                             batch_size=args.batch_size, show_progress=False)
         cache_bytes = sum(p.stat().st_size for p in (scratch / "cache").rglob("*.arrow"))
-        trained = sum(sum(1 for k in collator.encode(row).kinds[1:] if k) for row in dataset)
+        trained = int(trained_token_counts(encoded).sum())
         cache_info = {"cache_build_s": time.perf_counter() - started, "cache_bytes_per_trained_token": cache_bytes / max(trained, 1)}
         extra = dict(teacher_cache=config.teacher_cache, teacher_cache_topk=args.topk)
         teacher = None
@@ -221,9 +223,10 @@ def run_startup(args) -> dict:
     rows_encoded = len(encoded_rows)
     # Data time of a batch of these rows: what the dataloader does per step, fetching rows and collating them.
     batch_times = []
+    rows = len(trainer.train_dataset)
     for first in range(0, 40 * args.batch_size, args.batch_size):
         started = time.perf_counter()
-        trainer.data_collator([trainer.train_dataset[i] for i in range(first, first + args.batch_size)])
+        trainer.data_collator([trainer.train_dataset[i % rows] for i in range(first, first + args.batch_size)])
         batch_times.append(time.perf_counter() - started)
     return {"startup_s": startup_s, "rows": len(dataset), "rows_encoded": rows_encoded,
             "data_time_per_batch_s": statistics.median(batch_times)}

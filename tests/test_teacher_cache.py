@@ -140,6 +140,23 @@ def test_nan_in_the_teacher_stops_the_build_naming_the_row(tmp_path, teacher, ti
         build(tmp_path, teacher, tiny_tokenizer, toy_dataset)
 
 
+def test_a_cache_whose_rows_do_not_fit_the_trained_tokens_is_refused_naming_the_row(tmp_path, teacher, tiny_tokenizer, toy_dataset):
+    from trl_agent_distill.encoding import trained_token_counts
+    from trl_agent_distill.teacher_cache import attach_teacher_cache
+
+    build(tmp_path, teacher, tiny_tokenizer, toy_dataset)
+    rows, _ = load_teacher_cache(tmp_path, fingerprint_for(tiny_tokenizer, toy_dataset, topk=8))
+    encoded = encode(tiny_tokenizer, toy_dataset)
+    attached = attach_teacher_cache(encoded, rows)
+    assert [len(tail) for tail in attached["teacher_tail_logprob"]] == trained_token_counts(encoded).tolist()
+    counts = trained_token_counts(encoded)
+    other = next(i for i in range(1, len(counts)) if counts[i] != counts[0])
+    swapped = encoded.select([other, *[i for i in range(len(encoded)) if i != other]])
+    with pytest.raises(TeacherCacheError, match=rf"Row 0 of the dataset has {counts[other]} trained tokens but the "
+                       rf"teacher cache holds {counts[0]} positions"):
+        attach_teacher_cache(swapped, rows)
+
+
 def train_args(tmp_path, **overrides):
     defaults = dict(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=2, learning_rate=1e-2,
