@@ -12,6 +12,7 @@ the collator directly) are encoded on the spot with `encode`.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -33,8 +34,9 @@ _KIND_CODES = {"reason": REASON, "act": ACT}
 CACHED_TEACHER_COLUMNS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_logprob")
 ON_MALFORMED = ("raise", "skip", "act")
 TRUNCATION_MODES = ("keep_start", "keep_end")  # TRL SFTConfig's `truncation_mode`
-# Every character for which `str.isspace()` holds (the last is U+3000): a token's kind is that of its first other one.
-_WHITESPACE = np.array([code for code in range(0x3001) if chr(code).isspace()], dtype=np.uint32)
+# `str.isspace()` for every code point up to U+3000, the last one it holds for: a token's kind is that of its first
+# other character.
+_IS_SPACE = np.array([chr(code).isspace() for code in range(0x3001)] + [False])
 _PROBE = "PROBE7d1f0c"  # plain text: templates that `| trim` must keep it whole
 _TRUNCATION_WARNINGS = 3  # per collator: a long dataset would otherwise flood the log every epoch
 
@@ -213,7 +215,7 @@ class AgentTrajectoryCollator:
     def _tokenize(self, text: str, char_kinds: bytearray, add_special_tokens: bool, prompt: str | None) -> EncodedTrajectory:
         encoding = self.tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
         ids = encoding["input_ids"]
-        offsets = np.array(encoding["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        offsets = np.fromiter(itertools.chain.from_iterable(encoding["offset_mapping"]), dtype=np.int64).reshape(-1, 2)
         kinds = _token_kinds(text, char_kinds, offsets)
         prompt_length = _prompt_length(text, prompt, offsets, kinds)
         full_length = len(ids)
@@ -426,7 +428,7 @@ def _token_kinds(text: str, char_kinds: bytearray, offsets: np.ndarray) -> np.nd
     if not text or not len(offsets):
         return kinds
     codes = np.frombuffer(char_kinds, dtype=np.uint8)
-    is_space = np.isin(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32), _WHITESPACE)
+    is_space = _IS_SPACE[np.minimum(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32), len(_IS_SPACE) - 1)]
     next_non_space = _next_index(~is_space)
     starts, ends = offsets[:, 0], offsets[:, 1]
     nonempty = ends > starts
