@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 from datasets import Dataset, IterableDataset
 from trl.trainer.utils import global_then_local_main_first
 
-from .collator import ENCODED_COLUMNS, AgentTrajectoryCollator
+from .collator import AgentTrajectoryCollator
 from .segmentation import NoAgentMarkersError, TrajectoryFormatError
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,6 @@ _FEATURES = datasets.Features(
         _UNMARKED: datasets.Value("bool"),
     }
 )
-assert tuple(_FEATURES)[: len(ENCODED_COLUMNS)] == ENCODED_COLUMNS
 _STREAM_PEEK_ROWS = 64  # rows of a streamed dataset that decide `auto`'s fallback
 _REASONS_LOGGED = 3
 
