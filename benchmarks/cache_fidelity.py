@@ -61,6 +61,7 @@ def main(argv=None) -> dict:
 
     from trl_agent_distill import AgentDistillConfig, AgentDistillTrainer
     from trl_agent_distill.collator import AgentTrajectoryCollator
+    from trl_agent_distill.encoding import encode_dataset, trained_token_counts
     from trl_agent_distill.teacher_cache import build_teacher_cache, run_fingerprint
     from trl_agent_distill.tiny import prepare_toy_pair, toy_trajectories
 
@@ -83,12 +84,13 @@ def main(argv=None) -> dict:
 
     live = span_losses(trainer(), args.batch_size)
     collator = AgentTrajectoryCollator(tokenizer, max_length=args.max_length)
-    trained_tokens = sum(sum(1 for kind in collator.encode(row).kinds[1:] if kind) for row in dataset)
+    encoded, _ = encode_dataset(dataset, collator)
+    trained_tokens = int(trained_token_counts(encoded).sum())
     per_k = []
     for k in args.topk:
         cache = scratch / f"cache-k{k}"
         config = AgentDistillConfig(output_dir=str(scratch / "out"), **base, teacher_cache=str(cache), teacher_cache_topk=k)
-        build_teacher_cache(teacher, collator, dataset, cache, run_fingerprint(config, tokenizer, dataset),
+        build_teacher_cache(teacher, collator, encoded, cache, run_fingerprint(config, tokenizer, encoded),
                             batch_size=args.batch_size, show_progress=False)
         cached = span_losses(trainer(teacher_cache=str(cache), teacher_cache_topk=k), args.batch_size)
         per_k.append({

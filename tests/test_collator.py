@@ -85,12 +85,17 @@ def test_padding_and_prompts(collator, tiny_tokenizer):
     assert batch["input_ids"].shape[1] == lengths.max()
     short = int(lengths.argmin())
     assert (batch["input_ids"][short, lengths[short] :] == collator.pad_token_id).all()
+    prompts = []
     for row in range(2):
-        first_trained = int((batch["labels"][row] != -100).nonzero()[0])
         prompt = batch["prompts"][row][batch["prompt_attention_mask"][row].bool()]
-        assert torch.equal(prompt, batch["input_ids"][row, :first_trained])
+        assert torch.equal(prompt, batch["input_ids"][row, : len(prompt)])
         assert batch["prompt_attention_mask"][row, -1] == 1  # prompts are left-padded for generation
-    assert "How many people live in Varnholt?" in tiny_tokenizer.decode(batch["prompts"][0])
+        prompts.append(tiny_tokenizer.decode(prompt))
+    # As in GKD, a conversation's prompt is its history before the last assistant turn, with the generation prompt;
+    # a text row's is its `prompt`.
+    history = CODEACT_ROW["messages"][:4]
+    assert prompts[0] == tiny_tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+    assert prompts[1] == REACT_ROW["prompt"]
 
 
 def test_truncation_warns_and_keeps_masks_aligned(tiny_tokenizer, caplog):

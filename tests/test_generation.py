@@ -18,6 +18,7 @@ from trl_agent_distill.agent import PolicyBackend
 from trl_agent_distill.cli import run as cli_run
 from trl_agent_distill.collator import AgentTrajectoryCollator
 from trl_agent_distill.data import prepare_trajectory_dataset
+from trl_agent_distill.encoding import encode_dataset
 from trl_agent_distill.generation import GenerateConfig, first_paragraph, generate_trajectories
 from trl_agent_distill.tasks import load_tasks
 
@@ -116,8 +117,8 @@ def test_kept_trajectories_load_with_datasets_and_train(tmp_path, tiny_tokenizer
     )
     prepared = prepare_trajectory_dataset(trajectories, "auto")
     collator = AgentTrajectoryCollator(tiny_tokenizer, max_length=None)
-    checked, dropped = collator.check_dataset(prepared, "train")
-    assert dropped == 0 and len(checked) == 2
+    checked, report = encode_dataset(prepared, collator)
+    assert report.malformed_skipped == 0 and len(checked) == 2
     batch = collator([checked[0], checked[1]])
     assert batch["act_mask"].sum() > 0 and batch["reason_mask"].sum() > 0
 

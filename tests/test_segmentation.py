@@ -332,9 +332,27 @@ def test_codeact_unclosed_block_raises(text, expected):
 
 # ---------------------------------------------------------------------------------------------- none / auto
 def test_none_style_is_one_act_span():
-    assert segment_text(HOTPOTQA, "none") == [Span("act", 0, len(HOTPOTQA))]
     assert segment_text("Paris", "none", role="assistant") == [Span("act", 0, 5)]
+    assert segment_text("Paris", "none") == [Span("act", 0, 5)]  # a transcript without step markers
     assert segment_text("", "none") == []
+
+
+@pytest.mark.parametrize("style", ["react", "codeact", "alfworld"])
+def test_none_style_never_trains_the_observations_of_a_transcript(style):
+    """Token-level KD trains the tokens SAD trains, as one kind: observations and the task stay untrained."""
+    codeact = CODEACT_STEP + "Observation:\nExecution logs:\n2165423\n" + 'Code:\n```py\nfinal_answer(2165423)\n```<end_code>'
+    alfworld = (FIXTURES / "alfworld_transcript.txt").read_text()
+    transcript = {"react": HOTPOTQA, "codeact": codeact, "alfworld": alfworld}[style]
+    none = segment_text(transcript, "none")
+    structured = segment_text(transcript, style)
+    trained = lambda spans: [(s.start, s.end) for s in spans if s.kind in ("reason", "act")]  # noqa: E731
+    untrained = lambda spans: [(s.kind, s.start, s.end) for s in spans if s.kind not in ("reason", "act")]  # noqa: E731
+    assert {s.kind for s in none} <= {"act", "obs", "other"} and "obs" in {s.kind for s in none}
+    assert untrained(none) == untrained(structured)
+    covered = lambda pairs: {i for start, end in pairs for i in range(start, end)}  # noqa: E731
+    assert covered(trained(none)) == covered(trained(structured))
+    observation = transcript.index("Observation") if style != "alfworld" else transcript.index("OK.")
+    assert next(s for s in none if s.start <= observation < s.end).kind == "obs"
 
 
 @pytest.mark.parametrize("style", STYLES)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from trl_agent_distill import AgentDistillConfig, AgentDistillTrainer
 from trl_agent_distill.collator import AgentTrajectoryCollator
+from trl_agent_distill.encoding import encode_dataset
 from trl_agent_distill.teacher_cache import (
     TeacherCacheError,
     build_teacher_cache,
@@ -17,19 +18,25 @@ from trl_agent_distill.teacher_cache import (
 MAX_LENGTH = 1024
 
 
+def encode(tokenizer, dataset):
+    """The dataset as the trainer encodes it (a cache belongs to encoded rows)."""
+    return encode_dataset(dataset, AgentTrajectoryCollator(tokenizer, max_length=MAX_LENGTH))[0]
+
+
 def fingerprint_for(tokenizer, dataset, topk, teacher="tiny-teacher", **overrides):
     settings = dict(
         teacher_model_name_or_path=teacher, teacher_cache_topk=topk, max_length=MAX_LENGTH,
         segmentation_style="auto", loss_temperature=1.0,
     )
-    return run_fingerprint(SimpleNamespace(**{**settings, **overrides}), tokenizer, dataset)
+    return run_fingerprint(SimpleNamespace(**{**settings, **overrides}), tokenizer, encode(tokenizer, dataset))
 
 
 def build(path, teacher, tokenizer, dataset, topk=8, **kwargs):
     collator = AgentTrajectoryCollator(tokenizer, max_length=MAX_LENGTH)
     fingerprint = fingerprint_for(tokenizer, dataset, topk)
     return build_teacher_cache(
-        teacher, collator, dataset, path, fingerprint, batch_size=2, shard_rows=4, show_progress=False, **kwargs
+        teacher, collator, encode(tokenizer, dataset), path, fingerprint, batch_size=2, shard_rows=4,
+        show_progress=False, **kwargs
     )
 
 
@@ -121,7 +128,8 @@ def test_other_data_tokenizer_or_teacher_are_refused(tmp_path, teacher, tiny_tok
         load_teacher_cache(tmp_path, other_teacher)
     with pytest.raises(TeacherCacheError, match="for another run"):
         build_teacher_cache(
-            teacher, AgentTrajectoryCollator(tiny_tokenizer), toy_dataset, tmp_path, other_teacher, show_progress=False
+            teacher, AgentTrajectoryCollator(tiny_tokenizer), encode(tiny_tokenizer, toy_dataset), tmp_path,
+            other_teacher, show_progress=False,
         )
 
 
@@ -130,6 +138,23 @@ def test_nan_in_the_teacher_stops_the_build_naming_the_row(tmp_path, teacher, ti
         teacher.lm_head.weight[:, 0] = float("nan")
     with pytest.raises(TeacherCacheError, match="dataset row 0"):
         build(tmp_path, teacher, tiny_tokenizer, toy_dataset)
+
+
+def test_a_cache_whose_rows_do_not_fit_the_trained_tokens_is_refused_naming_the_row(tmp_path, teacher, tiny_tokenizer, toy_dataset):
+    from trl_agent_distill.encoding import trained_token_counts
+    from trl_agent_distill.teacher_cache import attach_teacher_cache
+
+    build(tmp_path, teacher, tiny_tokenizer, toy_dataset)
+    rows, _ = load_teacher_cache(tmp_path, fingerprint_for(tiny_tokenizer, toy_dataset, topk=8))
+    encoded = encode(tiny_tokenizer, toy_dataset)
+    attached = attach_teacher_cache(encoded, rows)
+    assert [len(tail) for tail in attached["teacher_tail_logprob"]] == trained_token_counts(encoded).tolist()
+    counts = trained_token_counts(encoded)
+    other = next(i for i in range(1, len(counts)) if counts[i] != counts[0])
+    swapped = encoded.select([other, *[i for i in range(len(encoded)) if i != other]])
+    with pytest.raises(TeacherCacheError, match=rf"Row 0 of the dataset has {counts[other]} trained tokens but the "
+                       rf"teacher cache holds {counts[0]} positions"):
+        attach_teacher_cache(swapped, rows)
 
 
 def train_args(tmp_path, **overrides):

@@ -217,6 +217,7 @@ def cache_teacher(script_args, training_args: AgentDistillConfig, model_args, da
     from trl.trainer.utils import create_model_from_path
 
     from .collator import AgentTrajectoryCollator
+    from .encoding import encode_dataset
     from .quantization import keep_4bit_training_layout
     from .teacher_cache import build_teacher_cache, run_fingerprint
 
@@ -227,9 +228,10 @@ def cache_teacher(script_args, training_args: AgentDistillConfig, model_args, da
     tokenizer = AutoTokenizer.from_pretrained(args.teacher_model_name_or_path, trust_remote_code=args.trust_remote_code)
     splits = load_trajectory_splits(script_args, dataset_args)
     collator = AgentTrajectoryCollator(
-        tokenizer, max_length=args.max_length, style=args.segmentation_style, on_malformed=args.on_malformed
+        tokenizer, max_length=args.max_length, style=args.segmentation_style, on_malformed=args.on_malformed,
+        truncation_mode=args.truncation_mode,
     )
-    dataset, _ = collator.check_dataset(splits[script_args.dataset_train_split], "train")
+    dataset, _ = encode_dataset(splits[script_args.dataset_train_split], collator, "train", args.dataset_num_proc)
     teacher = create_model_from_path(args.teacher_model_name_or_path, **args.teacher_init_kwargs(state.device))
     if args.teacher_quantization_config() is None:
         teacher = teacher.to(state.device)

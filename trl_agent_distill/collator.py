@@ -4,17 +4,24 @@ Rows hold either chat `messages` (any chat template) or plain `text` (with an op
 `segmentation` on characters are mapped to tokens through the fast tokenizer's offset mapping, so the masks follow
 whatever the template renders. Every assistant turn is trained (TRL's ChatML collator trains only the last one), and
 so is each assistant turn's end-of-turn token, so the student learns when to hand control back to the environment.
+
+The trainer encodes its datasets once (`encoding.encode_dataset`, with `dataset.map`), so the rows it collates are
+already `input_ids` / `token_kinds` / `prompt_length` and are only padded here; raw rows (rollouts, or a user calling
+the collator directly) are encoded on the spot with `encode`.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
-from datasets import IterableDataset
+from tokenizers.decoders import DecodeStream
 from transformers import PreTrainedTokenizerBase
 
 from .segmentation import Span, TrajectoryFormatError, segment_messages, segment_text
@@ -26,30 +33,58 @@ _KIND_CODES = {"reason": REASON, "act": ACT}
 # Columns a teacher cache adds to a dataset (see `teacher_cache`); passed through to the loss.
 CACHED_TEACHER_COLUMNS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_logprob")
 ON_MALFORMED = ("raise", "skip", "act")
+TRUNCATION_MODES = ("keep_start", "keep_end")  # TRL SFTConfig's `truncation_mode`
+# `str.isspace()` for every code point up to U+3000, the last one it holds for: a token's kind is that of its first
+# other character.
+_IS_SPACE = np.array([chr(code).isspace() for code in range(0x3001)] + [False])
 _PROBE = "PROBE7d1f0c"  # plain text: templates that `| trim` must keep it whole
 _TRUNCATION_WARNINGS = 3  # per collator: a long dataset would otherwise flood the log every epoch
 
 
 @dataclass
 class EncodedTrajectory:
-    """One row as token ids with a kind code per token (0 untrained, 1 REASON, 2 ACT)."""
+    """One row as token ids with a kind code per token (0 untrained, 1 REASON, 2 ACT).
+
+    `input_ids[:prompt_length]` is the on-policy prompt: the history before the last assistant turn, with the
+    generation prompt (a text row's `prompt`). `full_length` counts the tokens before truncation to `max_length`.
+    """
 
     input_ids: list[int]
     kinds: list[int]
     prompt_length: int
-    truncated: bool
+    full_length: int
     cached_teacher: dict[str, list] | None = None  # a teacher cache's columns for this row, when attached
+
+    @property
+    def truncated(self) -> bool:
+        return self.full_length > len(self.input_ids)
+
+    def columns(self) -> dict[str, Any]:
+        """The row as the encoded dataset stores it (`ENCODED_COLUMNS`)."""
+        return {"input_ids": self.input_ids, "token_kinds": self.kinds, "prompt_length": self.prompt_length}
+
+    @classmethod
+    def from_columns(cls, row: dict[str, Any]) -> EncodedTrajectory:
+        cached = {name: row[name] for name in CACHED_TEACHER_COLUMNS} if row.get(CACHED_TEACHER_COLUMNS[0]) is not None else None
+        ids = list(row["input_ids"])
+        return cls(ids, list(row["token_kinds"]), int(row["prompt_length"]), len(ids), cached_teacher=cached)
+
+
+# The columns of an encoded dataset, and of the rows the collator then only pads.
+ENCODED_COLUMNS = tuple(EncodedTrajectory([], [], 0, 0).columns())
 
 
 class AgentTrajectoryCollator:
     """Tokenize trajectories and emit `input_ids`, `attention_mask`, `labels`, `reason_mask`, `act_mask`.
 
-    Also emits left-padded `prompts` / `prompt_attention_mask` (everything before the first trained token) so
-    GKD's on-policy generation still works. `labels` is -100 exactly where both masks are 0.
+    Also emits left-padded `prompts` / `prompt_attention_mask` (the history before the last assistant turn, as in
+    GKD) so GKD's on-policy generation still works. `labels` is -100 exactly where both masks are 0. Rows already
+    encoded (`ENCODED_COLUMNS`, see `encoding.encode_dataset`) are only padded.
 
     Args:
         tokenizer: a fast tokenizer (offsets are needed); chat rows use its chat template.
-        max_length: longer sequences are cut at the end, with a warning; the masks stay aligned.
+        max_length: longer sequences are cut, with a warning; the masks stay aligned.
+        truncation_mode: `"keep_start"` cuts the end of a long row, `"keep_end"` its start (TRL's SFTConfig field).
         style: segmentation style (`"auto"`, `"react"`, `"alfworld"`, `"codeact"` or `"none"`).
         on_malformed: `"raise"` a `TrajectoryFormatError`, `"skip"` the row and count it in `num_skipped`, or `"act"`:
             train an assistant turn that does not segment as one ACT span (on-policy rollouts: the student's own
@@ -63,6 +98,7 @@ class AgentTrajectoryCollator:
         style: str = "auto",
         on_malformed: str = "raise",
         pad_to_multiple_of: int | None = None,
+        truncation_mode: str = "keep_start",
     ):
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError(
@@ -71,8 +107,11 @@ class AgentTrajectoryCollator:
             )
         if on_malformed not in ON_MALFORMED:
             raise ValueError(f"on_malformed must be one of {ON_MALFORMED}, got {on_malformed!r}.")
+        if truncation_mode not in TRUNCATION_MODES:
+            raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}.")
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.truncation_mode = truncation_mode
         self.style = style
         self.on_malformed = on_malformed
         self.pad_to_multiple_of = pad_to_multiple_of
@@ -88,7 +127,7 @@ class AgentTrajectoryCollator:
         encoded = []
         for index, row in enumerate(rows):
             try:
-                encoded.append(self.encode(row, row_index=row.get("row_index", index)))
+                encoded.append(self._encoded_row(row, index))
             except TrajectoryFormatError as error:
                 if self.on_malformed == "raise":
                     raise
@@ -97,6 +136,23 @@ class AgentTrajectoryCollator:
         if not encoded:
             raise TrajectoryFormatError("every row of this batch is malformed; see the warnings above")
         return self.pad(encoded)
+
+    def _encoded_row(self, row: dict[str, Any], index: int) -> EncodedTrajectory:
+        """An already encoded row as it is; a raw one encoded now, its truncation counted and warned about."""
+        if row.get("token_kinds") is not None:
+            return EncodedTrajectory.from_columns(row)
+        row_index = row.get("row_index", index)
+        encoded = self.encode(row, row_index=row_index)
+        if encoded.truncated:
+            self.num_truncated += 1
+            if self.num_truncated <= _TRUNCATION_WARNINGS:
+                kept = "first" if self.truncation_mode == "keep_start" else "last"
+                logger.warning(
+                    "Row %s has %d tokens, more than max_length=%d: keeping the %s %d (raise max_length to keep "
+                    "the whole trajectory). Further cuts are only counted in `num_truncated`.",
+                    row_index, encoded.full_length, self.max_length, kept, self.max_length,
+                )
+        return encoded
 
     def pad(self, encoded: list[EncodedTrajectory]) -> dict[str, torch.Tensor]:
         """Right-pad sequences (training) and left-pad prompts (generation)."""
@@ -131,50 +187,17 @@ class AgentTrajectoryCollator:
         multiple = self.pad_to_multiple_of
         return length if not multiple else -(-length // multiple) * multiple
 
-    def check_dataset(self, dataset, split: str = "train"):
-        """Encode every row once, so a malformed trajectory fails before training, naming its row.
-
-        With `on_malformed="skip"` such rows are dropped instead; returns the dataset and how many were dropped.
-        Streaming datasets cannot be checked ahead and are returned as they are.
-        """
-        if isinstance(dataset, IterableDataset):
-            return dataset, 0
-        keep, truncated_before = [], self.num_truncated
-        for index, row in enumerate(dataset):
-            try:
-                self.encode(row, row_index=index)
-                keep.append(index)
-            except TrajectoryFormatError as error:
-                if self.on_malformed == "raise":
-                    raise TrajectoryFormatError(
-                        f"{error.reason} (in the {split} dataset; fix the row, or set on_malformed='skip' to drop "
-                        "such rows)",
-                        row_index=error.row_index,
-                        message_index=error.message_index,
-                    ) from None
-                logger.warning("Dropping %s row %d: %s", split, index, error)
-        dropped = len(dataset) - len(keep)
-        if dropped:
-            logger.warning("Dropped %d malformed rows of %d from the %s dataset.", dropped, len(dataset), split)
-            dataset = dataset.select(keep)
-        if not len(dataset):
-            raise ValueError(f"The {split} dataset has no usable trajectory left.")
-        if self.num_truncated > truncated_before:
-            logger.warning(
-                "%d %s rows are longer than max_length=%s and will be cut at the end.",
-                self.num_truncated - truncated_before, split, self.max_length,
-            )
-        return dataset, dropped
-
     # ------------------------------------------------------------------ one row
     def encode(self, row: dict[str, Any], row_index: int | None = None) -> EncodedTrajectory:
         """Tokenize one row and label each token; malformed rows raise `TrajectoryFormatError` naming the row."""
         try:
             if row.get("messages") is not None:
                 text, char_kinds = self._render_messages(row["messages"], row.get("tools"))
+                prompt = self._history_prompt(row["messages"], row.get("tools"))
                 add_special_tokens = False  # the chat template already wrote BOS and friends
             elif row.get("text") is not None:
-                text, char_kinds = self._render_text(row.get("prompt") or "", row["text"])
+                prompt = row.get("prompt") or ""
+                text, char_kinds = self._render_text(prompt, row["text"])
                 add_special_tokens = True
             else:
                 present = sorted(k for k, v in row.items() if v is not None)
@@ -184,29 +207,40 @@ class AgentTrajectoryCollator:
                 )
         except TrajectoryFormatError as error:
             raise error.with_row(row_index) if row_index is not None else error
-        encoded = self._tokenize(text, char_kinds, add_special_tokens, row_index)
+        encoded = self._tokenize(text, char_kinds, add_special_tokens, prompt)
         if row.get(CACHED_TEACHER_COLUMNS[0]) is not None:
-            encoded.cached_teacher = _cached_teacher_of(row, encoded, row_index)
+            encoded.cached_teacher = {name: row[name] for name in CACHED_TEACHER_COLUMNS}
         return encoded
 
-    def _tokenize(
-        self, text: str, char_kinds: bytearray, add_special_tokens: bool, row_index: int | None
-    ) -> EncodedTrajectory:
+    def _tokenize(self, text: str, char_kinds: bytearray, add_special_tokens: bool, prompt: str | None) -> EncodedTrajectory:
         encoding = self.tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
         ids = encoding["input_ids"]
-        kinds = [_token_kind(text, char_kinds, start, end) for start, end in encoding["offset_mapping"]]
-        truncated = self.max_length is not None and len(ids) > self.max_length
-        if truncated:
-            self.num_truncated += 1
-            if self.num_truncated <= _TRUNCATION_WARNINGS:
-                logger.warning(
-                    "Row %s has %d tokens, more than max_length=%d: keeping the first %d (raise max_length to keep "
-                    "the whole trajectory). Further cuts are only counted in `num_truncated`.",
-                    row_index, len(ids), self.max_length, self.max_length,
-                )
-            ids, kinds = ids[: self.max_length], kinds[: self.max_length]
-        prompt_length = next((i for i, kind in enumerate(kinds) if kind), len(kinds))
-        return EncodedTrajectory(ids, kinds, prompt_length, truncated)
+        offsets = np.fromiter(itertools.chain.from_iterable(encoding["offset_mapping"]), dtype=np.int64).reshape(-1, 2)
+        kinds = _token_kinds(text, char_kinds, offsets)
+        prompt_length = _prompt_length(text, prompt, offsets, kinds)
+        full_length = len(ids)
+        if self.max_length is not None and full_length > self.max_length:
+            if self.truncation_mode == "keep_end":
+                cut = full_length - self.max_length
+                ids, kinds, prompt_length = ids[cut:], kinds[cut:], max(prompt_length - cut, 0)
+            else:
+                ids, kinds = ids[: self.max_length], kinds[: self.max_length]
+                prompt_length = min(prompt_length, self.max_length)
+        return EncodedTrajectory(ids, kinds.tolist(), prompt_length, full_length)
+
+    def _history_prompt(self, messages: list[dict], tools: Any) -> str | None:
+        """What GKD generates the last assistant turn from: the history before it, with the generation prompt.
+
+        None when the template cannot render that history on its own (the prompt then ends before the last turn's
+        first trained token, see `_prompt_length`).
+        """
+        last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
+        try:
+            return self._apply_template(
+                messages[:last], tools=json.loads(tools) if isinstance(tools, str) else tools, add_generation_prompt=True
+            )
+        except Exception:  # noqa: BLE001 - templates raise anything (jinja2, TypeError...) on histories they reject
+            return None
 
     def _render_text(self, prompt: str, completion: str) -> tuple[str, bytearray]:
         spans = segment_text(completion, self.style)
@@ -291,39 +325,36 @@ class AgentTrajectoryCollator:
     def completion_kinds(self, completion_ids: list[int]) -> list[int]:
         """Kind codes for generated assistant tokens (on-policy / sequence-level KD), from their decoded text.
 
-        Text the segmenter cannot parse is still the model's own output, so it is trained as one ACT span rather
-        than dropped. Special tokens (the end-of-turn) decode to no text and are ACT: stopping is an action.
+        The text is decoded once, incrementally (each token's text is known when it completes a character), so the
+        cost is linear in the completion's length. Text the segmenter cannot parse is still the model's own output,
+        so it is trained as one ACT span rather than dropped. A token that adds no text takes the kind of the text
+        it completes (a character split over several byte tokens); trailing ones (the end-of-turn, special tokens
+        that decode to nothing) are ACT: stopping is an action.
         """
-        pieces = [
-            self.tokenizer.decode(completion_ids[: i + 1], skip_special_tokens=True)
-            for i in range(len(completion_ids))
-        ]
-        text = pieces[-1] if pieces else ""
+        if not completion_ids:
+            return []
+        stream = DecodeStream(skip_special_tokens=True)
+        backend = self.tokenizer.backend_tokenizer
+        chunks, ends, length = [], np.zeros(len(completion_ids), dtype=np.int64), 0
+        for position, token in enumerate(completion_ids):
+            chunk = stream.step(backend, token)
+            if chunk:
+                chunks.append(chunk)
+                length += len(chunk)
+            ends[position] = length
+        text = "".join(chunks)
         try:
             spans = segment_text(text, self.style, role="assistant")
         except TrajectoryFormatError:
             spans = [Span("act", 0, len(text))] if text else []
         char_kinds = bytearray(len(text))
         _paint(char_kinds, spans, offset=0)
-        kinds, previous_end = [], 0
-        for piece in pieces:
-            end = max(len(piece), previous_end)
-            kinds.append(_token_kind(text, char_kinds, previous_end, end) if end > previous_end else ACT)
-            previous_end = end
-        return kinds
-
-
-def _cached_teacher_of(row: dict[str, Any], encoded: EncodedTrajectory, row_index: int | None) -> dict[str, list]:
-    """A teacher cache's columns for one row, checked against the row's trained positions (after the shift)."""
-    cached = {name: row[name] for name in CACHED_TEACHER_COLUMNS}
-    trained = sum(1 for kind in encoded.kinds[1:] if kind)
-    if len(cached["teacher_tail_logprob"]) != trained:
-        raise TrajectoryFormatError(
-            f"the teacher cache holds {len(cached['teacher_tail_logprob'])} positions for this row but it has "
-            f"{trained} trained tokens: the cache was built with other tokenization settings; rebuild it",
-            row_index=row_index,
-        )
-    return cached
+        starts = np.concatenate([[0], ends[:-1]])
+        kinds = _token_kinds(text, char_kinds, np.stack([starts, ends], axis=1))
+        silent = ends == starts
+        speaker = _next_index(~silent)  # the next token with text: a silent one holds its character's first bytes
+        inherited = np.where(speaker < len(kinds), kinds[np.minimum(speaker, len(kinds) - 1)], ACT)
+        return np.where(silent, inherited, kinds).tolist()
 
 
 def _concatenate_cached_teacher(encoded: list[EncodedTrajectory]) -> dict[str, torch.Tensor]:
@@ -389,9 +420,40 @@ def _paint(char_kinds: bytearray, spans: list[Span], offset: int, clip: tuple[in
             char_kinds[start:end] = bytes([code]) * (end - start)
 
 
-def _token_kind(text: str, char_kinds: bytearray, start: int, end: int) -> int:
-    """A token takes the kind of its first non-space character: a leading space belongs to the word it starts."""
-    if end <= start:
-        return UNTRAINED
-    piece = text[start:end]
-    return char_kinds[start + (len(piece) - len(piece.lstrip()) if piece.strip() else 0)]
+def _token_kinds(text: str, char_kinds: bytearray, offsets: np.ndarray) -> np.ndarray:
+    """Kind of each token (character offsets `[start, end)`): that of its first non-space character, since a leading
+    space belongs to the word it starts; an all-space token takes its first character's kind; an empty one is
+    untrained. Vectorized: rows have thousands of tokens."""
+    kinds = np.zeros(len(offsets), dtype=np.int8)
+    if not text or not len(offsets):
+        return kinds
+    codes = np.frombuffer(char_kinds, dtype=np.uint8)
+    is_space = _IS_SPACE[np.minimum(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32), len(_IS_SPACE) - 1)]
+    next_non_space = _next_index(~is_space)
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    nonempty = ends > starts
+    first = np.minimum(starts[nonempty], len(text) - 1)
+    word = next_non_space[first]
+    kinds[nonempty] = codes[np.where(word < ends[nonempty], word, first)]
+    return kinds
+
+
+def _next_index(mask: np.ndarray) -> np.ndarray:
+    """For each position i, the first j >= i where `mask` holds (len(mask) if none)."""
+    return np.minimum.accumulate(np.where(mask, np.arange(len(mask)), len(mask))[::-1])[::-1]
+
+
+def _prompt_length(text: str, prompt: str | None, offsets: np.ndarray, kinds: np.ndarray) -> int:
+    """Tokens of the on-policy prompt: those that cover `prompt` when it is a prefix of `text` ending on a token
+    boundary; otherwise (a template that renders the history differently on its own, or a boundary inside a token)
+    the tokens before the first trained token after the text both renderings share."""
+    ends = offsets[:, 1]
+    if prompt is not None and text.startswith(prompt):
+        boundary = int(np.searchsorted(ends, len(prompt), side="right"))
+        if boundary == len(kinds) or offsets[boundary, 0] >= len(prompt):
+            return boundary
+    else:
+        shared = len(os.path.commonprefix([text, prompt])) if prompt else 0
+        boundary = int(np.searchsorted(ends, shared, side="right"))
+    trained = np.flatnonzero(kinds[boundary:])
+    return boundary + int(trained[0]) if trained.size else len(kinds)

@@ -73,6 +73,7 @@ _NO_STEP_REASONS = {
     "alfworld": "no recognisable step: expected '> ...' action lines (alfworld); for the agent's own output "
     "without '>' prompts pass role='assistant'",
     "alfworld-assistant": "no recognisable step: the assistant message is blank (alfworld)",
+    "none": "no recognisable step: the text holds only observations and other untrained text",
 }
 
 
@@ -118,6 +119,10 @@ class TrajectoryFormatError(ValueError):
         return type(self)(self.reason, row_index=self.row_index, message_index=message_index)
 
 
+class NoAgentMarkersError(TrajectoryFormatError):
+    """Assistant text without the step markers of any style: `auto` cannot segment it (it reads as plain chat)."""
+
+
 # ---------------------------------------------------------------------------------------------- public API
 def detect_style(text: str) -> str:
     """Guess the trajectory format of `text`: `"codeact"`, `"react"` or `"alfworld"`.
@@ -131,7 +136,7 @@ def detect_style(text: str) -> str:
         return "react"
     if _ALFWORLD_HINT.search(text):
         return "alfworld"
-    raise TrajectoryFormatError(f"{_NO_STYLE_REASON}; the text reads {_preview(text)}")
+    raise NoAgentMarkersError(f"{_NO_STYLE_REASON}; the text reads {_preview(text)}")
 
 
 def segment_text(text: str, style: str = "auto", *, role: str | None = None) -> list[Span]:
@@ -231,7 +236,7 @@ def _conversation_style(messages: list[dict], style: str) -> str | None:
     for index, message in enumerate(messages):
         if message["role"] == "assistant" and message.get("content") and not message.get("tool_calls"):
             reason = f"{_NO_STYLE_REASON}; the message reads {_preview(message['content'])}"
-            raise TrajectoryFormatError(reason, message_index=index)
+            raise NoAgentMarkersError(reason, message_index=index)
     return None
 
 
@@ -256,13 +261,27 @@ def _segment_message(message: dict, index: int, style: str | None) -> list[Span]
 def _segment(text: str, style: str, *, assistant: bool) -> list[Span]:
     """Spans of a non-empty `text` in a concrete style, without checking that it holds a step."""
     if style == "none":
-        return [Span("act", 0, len(text))]
+        return [Span("act", 0, len(text))] if assistant else _token_level_transcript(text)
     if style == "react":
         cuts = _react_cuts(text)
     elif style == "alfworld":
         cuts = _alfworld_cuts(text, assistant=assistant)
     else:
         cuts = _codeact_cuts(text)
+    return _spans_from_cuts(cuts, len(text))
+
+
+def _token_level_transcript(text: str) -> list[Span]:
+    """Style `none` on a whole transcript: what the agent wrote is one kind (ACT); observations stay untrained.
+
+    The observations are found with the transcript's own style, so `none` trains exactly the tokens the other
+    styles train, as one kind; a transcript with no step markers at all is the agent's text throughout.
+    """
+    try:
+        style = detect_style(text)
+    except NoAgentMarkersError:
+        return [Span("act", 0, len(text))]
+    cuts = [(span.start, "act" if span.kind in _STEP_KINDS else span.kind) for span in _segment(text, style, assistant=False)]
     return _spans_from_cuts(cuts, len(text))
 
 

@@ -23,10 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
+import pyarrow.compute as pc
 import torch
 from tqdm.auto import tqdm
 
-from .collator import CACHED_TEACHER_COLUMNS, AgentTrajectoryCollator
+from .collator import CACHED_TEACHER_COLUMNS, ENCODED_COLUMNS, AgentTrajectoryCollator
+from .encoding import trained_token_counts
 from .heads import FinalHiddenStates, final_norm, logit_head
 from .losses import SparseTeacher, bucket_logprobs
 
@@ -79,11 +82,19 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def dataset_fingerprint(dataset: datasets.Dataset) -> str:
-    """A hash of the rows' trajectory content (`messages`, `text`, `prompt`, `tools`), in order."""
-    columns = [c for c in ("messages", "prompt", "text", "tools") if c in dataset.column_names]
-    digest = hashlib.sha256(json.dumps(columns).encode())
-    for row in dataset.select_columns(columns):
-        digest.update(json.dumps(row, sort_keys=True, default=str).encode())
+    """A hash of an encoded dataset's token ids and token kinds, row by row in order: what the teacher was run on."""
+    missing = [c for c in ENCODED_COLUMNS if c not in dataset.column_names]
+    if missing:
+        raise TeacherCacheError(
+            f"The dataset has no {missing} columns: a teacher cache belongs to an encoded dataset "
+            "(trl_agent_distill.encoding.encode_dataset)."
+        )
+    table = dataset.select_columns(["input_ids", "token_kinds"]).with_format("arrow")[:]
+    digest = hashlib.sha256()
+    for name in ("input_ids", "token_kinds"):
+        column = table[name].combine_chunks()
+        digest.update(pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
+        digest.update(pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -136,9 +147,22 @@ def load_teacher_cache(path: str | os.PathLike, expected: CacheFingerprint) -> t
 
 
 def attach_teacher_cache(dataset: datasets.Dataset, cached_rows: datasets.Dataset) -> datasets.Dataset:
-    """The dataset with the cached teacher columns added side by side (same row order)."""
+    """The encoded dataset with the cached teacher columns added side by side (same row order), once each row's
+    cached positions are checked against its trained tokens."""
     if len(dataset) != len(cached_rows):
         raise TeacherCacheError(f"The dataset has {len(dataset)} rows but the teacher cache {len(cached_rows)}.")
+    cached = pc.list_value_length(cached_rows.with_format("arrow")[:]["teacher_tail_logprob"]).to_numpy(zero_copy_only=False)
+    trained = trained_token_counts(dataset)
+    wrong = np.flatnonzero(cached != trained)
+    if wrong.size:
+        row = int(wrong[0])
+        raise TeacherCacheError(
+            f"Row {row} of the dataset has {trained[row]} trained tokens but the teacher cache holds {cached[row]} "
+            f"positions for it ({wrong.size} rows differ): the cache was built with other tokenization settings; "
+            "rebuild it with `trl-agent-distill cache-teacher`."
+        )
+    if dataset._indices is not None:
+        dataset = dataset.flatten_indices()  # side by side needs both tables in row order
     return datasets.concatenate_datasets([dataset.remove_columns(
         [c for c in CACHED_TEACHER_COLUMNS if c in dataset.column_names]
     ), cached_rows], axis=1)
@@ -170,7 +194,7 @@ def build_teacher_cache(
     num_processes: int = 1,
     show_progress: bool = True,
 ) -> Path:
-    """Run the teacher over `dataset` (already checked by `collator.check_dataset`) and write the cache.
+    """Run the teacher over `dataset` (encoded by `encoding.encode_dataset` with `collator`) and write the cache.
 
     Shards already sealed with the same fingerprint are kept; with several processes each builds the shards
     `shard % num_processes == process_index` (the caller waits for all before training).

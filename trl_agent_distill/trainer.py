@@ -34,6 +34,7 @@ from trl.trainer.utils import create_model_from_path, disable_dropout_in_model
 
 from .collator import ACT, REASON, AgentTrajectoryCollator
 from .config import AgentDistillConfig
+from .encoding import EncodingReport, encode_dataset
 from .heads import FinalHiddenStates, LogitHead, final_norm, logit_head
 from .losses import DenseTeacher, SparseTeacher, chunked_span_divergence_loss, span_divergence_loss
 from .quantization import keep_4bit_training_layout
@@ -58,7 +59,9 @@ class AgentDistillTrainer(GKDTrainer):
             omitted for the pure cross-entropy (SFT) baseline. Teacher and student must share a tokenizer; a
             vocabulary padded to a different size (Qwen2.5-0.5B vs 7B) is fine.
         train_dataset / eval_dataset: rows with `messages` or `text` (see `AgentTrajectoryCollator`). Every row is
-            checked before training starts, so a malformed trajectory fails at once, naming its row.
+            encoded once before training starts (`encoding.encode_dataset`: `dataset.map`, cached), so a malformed
+            trajectory fails at once, naming its row, and a dataset with nothing to train fails before any model
+            loads.
         data_collator: defaults to an `AgentTrajectoryCollator` built from `args`.
     """
 
@@ -108,14 +111,15 @@ class AgentDistillTrainer(GKDTrainer):
                 max_length=args.max_length,
                 style=args.segmentation_style,
                 on_malformed=args.on_malformed,
+                truncation_mode=args.truncation_mode,
             )
-        self.num_malformed_skipped = 0
+        self.encoding_reports: dict[str, EncodingReport] = {}
         if isinstance(data_collator, AgentTrajectoryCollator):
-            train_dataset = self._check_dataset(train_dataset, data_collator, "train")
+            train_dataset = self._encode_dataset(train_dataset, data_collator, "train", args)
             if isinstance(eval_dataset, dict):
-                eval_dataset = {k: self._check_dataset(v, data_collator, k) for k, v in eval_dataset.items()}
+                eval_dataset = {k: self._encode_dataset(v, data_collator, k, args) for k, v in eval_dataset.items()}
             else:
-                eval_dataset = self._check_dataset(eval_dataset, data_collator, "eval")
+                eval_dataset = self._encode_dataset(eval_dataset, data_collator, "eval", args)
 
         self._cache_topk = None
         if args.teacher_cache:
@@ -126,7 +130,8 @@ class AgentDistillTrainer(GKDTrainer):
                     "(teacher_model_name_or_path), or no eval_dataset."
                 )
 
-        # The raw columns must reach the collator, which tokenizes; TRL's own preparation would drop them.
+        # The encoded columns (or a custom collator's raw ones) must reach the collator; TRL's preparation would
+        # tokenize again or drop them.
         args.remove_unused_columns = False
         args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
         SFTTrainer.__init__(
@@ -198,12 +203,21 @@ class AgentDistillTrainer(GKDTrainer):
         self._cache_topk = fingerprint.topk
         return attach_teacher_cache(dataset, cached_rows)
 
-    def _check_dataset(self, dataset, collator: AgentTrajectoryCollator, split: str):
+    def _encode_dataset(self, dataset, collator: AgentTrajectoryCollator, split: str, args: AgentDistillConfig):
         if dataset is None:
             return None
-        dataset, dropped = collator.check_dataset(dataset, split)
-        self.num_malformed_skipped += dropped
+        dataset, report = encode_dataset(dataset, collator, split, num_proc=args.dataset_num_proc)
+        self.encoding_reports[split] = report
+        if split == "train" and report.fell_back and collator.style == "auto":
+            # Token-level for the whole run: evaluation rows and generated completions are labelled alike.
+            collator.style = "none"
         return dataset
+
+    @property
+    def num_malformed_skipped(self) -> int:
+        """Training rows dropped as malformed (`on_malformed="skip"`); a streamed dataset counts them as it goes."""
+        report = self.encoding_reports.get("train")
+        return report.malformed_skipped if report is not None else 0
 
     def _load_teacher(self, name_or_path: str) -> PreTrainedModel:
         return create_model_from_path(name_or_path, **self.args.teacher_init_kwargs(self.accelerator.device))
