@@ -38,6 +38,7 @@ from .heads import FinalHiddenStates, LogitHead, final_norm, logit_head
 from .losses import DenseTeacher, SparseTeacher, chunked_span_divergence_loss, span_divergence_loss
 from .rollout import AgentRollouts
 from .teacher_cache import attach_teacher_cache, load_teacher_cache, run_fingerprint, sparse_teacher_from_batch
+from .vocabulary import added_tokens_appended, load_tokenizer, tokenizer_mismatch, tokenizer_source
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +55,11 @@ class AgentDistillTrainer(GKDTrainer):
         model: the student (a model or a name / path; `args.model_init_kwargs` may carry a 4-bit
             `quantization_config` for QLoRA together with `peft_config`).
         teacher_model: the teacher (a model or a name / path; defaults to `args.teacher_model_name_or_path`). It may be
-            omitted for the pure cross-entropy (SFT) baseline. Teacher and student must share a tokenizer; a
-            vocabulary padded to a different size (Qwen2.5-0.5B vs 7B) is fine.
+            omitted for the pure cross-entropy (SFT) baseline. Teacher and student must share a tokenizer: the
+            teacher's, loaded from its name or from the path its config records, is compared with
+            `processing_class` and a different one is refused (a teacher object with no tokenizer to load is only
+            checked by vocabulary size, with a warning). A vocabulary padded to a different size (Qwen2.5-0.5B vs
+            7B) is fine.
         train_dataset / eval_dataset: rows with `messages` or `text` (see `AgentTrajectoryCollator`). Every row is
             checked before training starts, so a malformed trajectory fails at once, naming its row.
         data_collator: defaults to an `AgentTrajectoryCollator` built from `args`.
@@ -149,9 +153,11 @@ class AgentDistillTrainer(GKDTrainer):
         self.teacher_model = None
         self._shared_vocab_size = self.model.config.get_text_config().vocab_size
         if teacher_model is not None:
-            if isinstance(teacher_model, str):
-                teacher_model = self._load_teacher(teacher_model)
-            self._shared_vocab_size = self._check_vocabularies(teacher_model)
+            teacher_name = teacher_model if isinstance(teacher_model, str) else None
+            if teacher_name is not None:
+                teacher_model = self._load_teacher(teacher_name)
+            self._shared_vocab_size = self._check_vocabularies(teacher_model, teacher_name)
+
             if self.is_deepspeed_enabled:
                 self.teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
             else:
@@ -205,8 +211,10 @@ class AgentDistillTrainer(GKDTrainer):
     def _load_teacher(self, name_or_path: str) -> PreTrainedModel:
         return create_model_from_path(name_or_path, **self.args.teacher_init_kwargs(self.accelerator.device))
 
-    def _check_vocabularies(self, teacher_model: nn.Module) -> int:
-        """The number of logit columns both models share; fails when the tokenizer does not fit in both."""
+    def _check_vocabularies(self, teacher_model: nn.Module, teacher_name: str | None = None) -> int:
+        """The number of logit columns both models share; fails when the teacher has another tokenizer, or when
+        the tokenizer does not fit in both models."""
+        self._check_teacher_tokenizer(teacher_model, teacher_name)
         student_size = self.model.config.get_text_config().vocab_size
         teacher_size = teacher_model.config.get_text_config().vocab_size
         tokenizer_size = len(self.processing_class)
@@ -218,6 +226,36 @@ class AgentDistillTrainer(GKDTrainer):
                 "trainer (trl.experimental.gold) for cross-tokenizer distillation."
             )
         return min(student_size, teacher_size)
+
+    def _check_teacher_tokenizer(self, teacher_model: nn.Module, teacher_name: str | None) -> None:
+        student = self.processing_class
+        source = tokenizer_source(teacher_model, teacher_name)
+        if source is not None and source == student.name_or_path:
+            return  # the student's tokenizer was loaded from the same files
+        teacher = load_tokenizer(source, self.args.trust_remote_code) if source else None
+        if teacher is None:
+            logger.warning(
+                "The teacher %s has no tokenizer to compare with the student's, so only vocabulary sizes are checked. "
+                "Pass the teacher by name or path (or a model loaded with from_pretrained from a folder holding its "
+                "tokenizer) to have the tokenizers compared.",
+                f"({source})" if source else "(a model object that names no checkpoint)",
+            )
+            return
+        mismatch = tokenizer_mismatch(student, teacher)
+        if mismatch is not None:
+            student_source = student.name_or_path or "processing_class"
+            raise ValueError(
+                f"The teacher's tokenizer ({source}) is not the student's ({student_source}): {mismatch}. The "
+                "divergence compares both models' next-token distributions id by id, so they must share a tokenizer. "
+                "Use a teacher of the student's model family (a vocabulary padded to another size, like Qwen2.5-0.5B "
+                "vs 7B, is fine), or TRL's GOLD trainer (trl.experimental.gold) for cross-tokenizer distillation."
+            )
+        appended = added_tokens_appended(student, teacher)
+        if appended:
+            logger.warning(
+                "The student's tokenizer has tokens the teacher's lacks, after its last id: %s. The teacher's logits "
+                "for them come from its untrained (padded) embedding rows, if it has any.", appended,
+            )
 
     def _setup_rollouts(self, args: AgentDistillConfig) -> AgentRollouts:
         """The student's environment for on-policy episodes (`environment`); the toy world is written once."""
