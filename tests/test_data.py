@@ -238,3 +238,46 @@ def test_missing_column_names_columns_and_option(tmp_path):
     with pytest.raises(ValueError, match=r"dataset_format must be one of \('auto', 'messages', 'text', 'smolagents'\)"):
         prepare_trajectory_dataset(dataset, "sharegpt")
     assert DATASET_FORMATS == ("auto", "messages", "text", "smolagents")
+
+
+# --------------------------------------------------------------------------------------------- load_any_dataset
+@pytest.fixture
+def local_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+
+
+ROW = '{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}\n'
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("empty.jsonl", "", r"empty\.jsonl is empty: it holds no rows\. Write the rows"),
+        ("blank.jsonl", "\n  \n", r"blank\.jsonl cannot be read: it holds no rows \(every line is blank\)"),
+        ("broken.jsonl", ROW + '{"messages": [\n' + ROW, r"broken\.jsonl cannot be read: line 2 is not valid JSON "
+         r"\(Expecting value, column 15\); fix or delete that line"),
+        ("torn.jsonl", ROW + ROW + ROW[:30], r"torn\.jsonl cannot be read: line 3 is not valid JSON"),
+        ("list.jsonl", ROW + "[1, 2]\n", r"list\.jsonl cannot be read: line 2 holds a JSON list, not an object"),
+        ("rows.json", '[{"text": "a"},\n {"text": ', r"rows\.json cannot be read: it is not valid JSON at line 2, "
+         r"column 11 \(Expecting value\); fix the file there"),
+        ("lines.json", ROW + "{oops}\n", r"lines\.json cannot be read: line 2 is not valid JSON"),
+        ("table.parquet", "not parquet", r"table\.parquet cannot be read: it is not a readable Parquet file"),
+        ("empty.csv", "", r"empty\.csv is empty"),
+    ],
+)
+def test_unreadable_files_are_named_with_the_line_and_what_to_fix(tmp_path, local_cache, name, content, expected):
+    from trl_agent_distill.data import load_any_dataset
+
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ValueError, match=rf"^Dataset file {tmp_path}/{expected}"):
+        load_any_dataset(str(path))
+
+
+def test_a_readable_file_loads_as_one_split(tmp_path, local_cache):
+    from trl_agent_distill.data import load_any_dataset
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text(ROW * 3)
+    loaded = load_any_dataset(str(path), local_split="train")
+    assert list(loaded) == ["train"] and loaded["train"].num_rows == 3

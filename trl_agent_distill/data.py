@@ -18,6 +18,8 @@ from typing import Any
 
 import datasets
 
+from .jsonl import jsonl_problem
+
 logger = logging.getLogger(__name__)
 
 DATASET_FORMATS = ("auto", "messages", "text", "smolagents")
@@ -39,12 +41,64 @@ def load_any_dataset(
     path = Path(name)
     builder = _LOCAL_DATA_BUILDERS.get(path.suffix)
     if builder and path.is_file():
-        return datasets.load_dataset(builder, data_files={local_split: name})
+        return _load_data_file(path, builder, local_split)
     if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
         return datasets.load_from_disk(name)
     if builder and not path.exists():
         raise FileNotFoundError(f"Dataset file {name} does not exist.")
     return datasets.load_dataset(name, name=config)
+
+
+def _load_data_file(path: Path, builder: str, split: str) -> datasets.DatasetDict:
+    """A local data file as a one-split DatasetDict; a file that cannot be read is an error naming it and saying
+    what is wrong where (`datasets` itself ends in a bare StopIteration or DatasetGenerationError)."""
+    if path.stat().st_size == 0:
+        raise ValueError(
+            f"Dataset file {path} is empty: it holds no rows. Write the rows into it (for .jsonl one JSON object per "
+            "line), or point dataset_name at another file."
+        )
+    try:
+        return datasets.load_dataset(builder, data_files={split: str(path)})
+    except Exception as error:  # noqa: BLE001 - every failure is re-raised, with the file and what to fix
+        raise ValueError(f"Dataset file {path} cannot be read: {_unreadable_because(path, builder, error)}.") from error
+
+
+def _unreadable_because(path: Path, builder: str, error: Exception) -> str:
+    cause = error
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__
+    if builder == "json":
+        problem = _json_file_problem(path)
+        if problem:
+            return problem
+    if builder == "parquet":
+        return f"it is not a readable Parquet file ({cause}); write it again with a Parquet library, or use .jsonl"
+    return (
+        f"`datasets` could not read it as {builder} ({type(cause).__name__}: {cause}); check that every row has the "
+        "same columns with values of the same type"
+    )
+
+
+def _json_file_problem(path: Path) -> str | None:
+    """The first syntax problem of a .jsonl file, or of a .json file (one JSON document or JSON lines)."""
+    if path.suffix == ".jsonl":
+        return jsonl_problem(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        document = json.loads(text)
+    except UnicodeDecodeError:
+        return jsonl_problem(path)  # says so, with the byte
+    except json.JSONDecodeError as error:
+        first_line = text.lstrip().split("\n", 1)[0]
+        if first_line.startswith("{") and text.strip().count("\n"):  # JSON lines in a .json file
+            return jsonl_problem(path)
+        return f"it is not valid JSON at line {error.lineno}, column {error.colno} ({error.msg}); fix the file there"
+    if isinstance(document, list) and all(isinstance(row, dict) for row in document):
+        return None if document else "it holds an empty list: no rows"
+    return (
+        f"it holds a JSON {type(document).__name__}; a .json dataset is a list of row objects "
+        '([{"column": value, ...}, ...]) or one object per line'
+    )
 
 
 def from_smolagents_log(row: Mapping[str, Any], *, observation_role: str = "user") -> dict[str, list[dict[str, str]]]:

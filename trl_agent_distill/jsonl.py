@@ -99,6 +99,35 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
+def jsonl_problem(path: str | os.PathLike) -> str | None:
+    """What keeps a JSONL file from being read as dataset rows (its first bad line, or no rows), or None.
+
+    Every non-blank line must be one JSON object: one row.
+    """
+    rows = 0
+    try:
+        with Path(path).open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line.rstrip("\r\n"))  # so that an unfinished line's column is on it
+                except json.JSONDecodeError as error:
+                    return (
+                        f"line {number} is not valid JSON ({error.msg}, column {error.colno}); fix or delete that "
+                        "line: each line must be one JSON object (one row)"
+                    )
+                if not isinstance(record, dict):
+                    return (
+                        f"line {number} holds a JSON {type(record).__name__}, not an object; each line must be one "
+                        'row, {"column": value, ...}: fix or delete that line'
+                    )
+                rows += 1
+    except UnicodeDecodeError as error:
+        return f"it is not UTF-8 text (byte {error.start}); re-encode it as UTF-8"
+    return None if rows else "it holds no rows (every line is blank); write one JSON object per line"
+
+
 def write_jsonl(path: str | os.PathLike, records: list[dict[str, Any]]) -> Path:
     """Write `records` as a new JSONL file (parent folders created); returns the path."""
     path = Path(path)

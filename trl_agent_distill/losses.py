@@ -144,19 +144,35 @@ def _row_weights(
     "span": lambda_kind / tokens of that kind (global `span_token_counts` when given, else local).
     Cross-entropy always averages over trained tokens.
     """
-    if span_normalization not in SPAN_NORMALIZATIONS:
-        raise ValueError(f"span_normalization must be one of {SPAN_NORMALIZATIONS}, got {span_normalization!r}.")
-    device = row_is_reason.device
     local_reason = row_is_reason.sum()
     local_act = row_is_reason.numel() - local_reason
+    reason_norm, act_norm, total = span_normalizers(
+        local_reason, local_act, span_normalization, num_items_in_batch, span_token_counts
+    )
+    divergence_weight = torch.where(row_is_reason, lambda_reason / reason_norm, lambda_act / act_norm)
+    return divergence_weight, (lambda_ce / total).expand(row_is_reason.shape)
+
+
+def span_normalizers(
+    local_reason: torch.Tensor,
+    local_act: torch.Tensor,
+    span_normalization: str = "token",
+    num_items_in_batch: int | torch.Tensor | None = None,
+    span_token_counts: tuple[torch.Tensor | int, torch.Tensor | int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the REASON and ACT divergence sums are divided by, and what the cross-entropy sum is divided by.
+
+    From the local token counts of each kind and, when given, the global counts of the accumulation window (see
+    `span_divergence_loss`); each at least 1, so an empty batch gives 0 instead of NaN.
+    """
+    if span_normalization not in SPAN_NORMALIZATIONS:
+        raise ValueError(f"span_normalization must be one of {SPAN_NORMALIZATIONS}, got {span_normalization!r}.")
+    device = local_reason.device
     total = _count(num_items_in_batch if num_items_in_batch is not None else local_reason + local_act, device)
     if span_normalization == "token":
-        reason_weight, act_weight = lambda_reason / total, lambda_act / total
-    else:
-        n_reason, n_act = span_token_counts if span_token_counts is not None else (local_reason, local_act)
-        reason_weight, act_weight = lambda_reason / _count(n_reason, device), lambda_act / _count(n_act, device)
-    divergence_weight = torch.where(row_is_reason, reason_weight, act_weight)
-    return divergence_weight, (lambda_ce / total).expand(row_is_reason.shape)
+        return total, total, total
+    n_reason, n_act = span_token_counts if span_token_counts is not None else (local_reason, local_act)
+    return _count(n_reason, device), _count(n_act, device), total
 
 
 def _count(count, device) -> torch.Tensor:

@@ -36,10 +36,18 @@ from .collator import ACT, REASON, AgentTrajectoryCollator
 from .config import AgentDistillConfig
 from .encoding import EncodingReport, encode_dataset
 from .heads import FinalHiddenStates, LogitHead, final_norm, logit_head
-from .losses import DenseTeacher, SparseTeacher, chunked_span_divergence_loss, span_divergence_loss
+from .losses import (
+    DenseTeacher,
+    SparseTeacher,
+    SpanLossOutput,
+    chunked_span_divergence_loss,
+    span_divergence_loss,
+    span_normalizers,
+)
 from .quantization import keep_4bit_training_layout
 from .rollout import AgentRollouts
 from .teacher_cache import attach_teacher_cache, load_teacher_cache, run_fingerprint, sparse_teacher_from_batch
+from .vocabulary import added_tokens_appended, load_tokenizer, tokenizer_mismatch, tokenizer_source
 
 logger = logging.getLogger(__name__)
 
@@ -56,13 +64,22 @@ class AgentDistillTrainer(GKDTrainer):
         model: the student (a model or a name / path; `args.model_init_kwargs` may carry a 4-bit
             `quantization_config` for QLoRA together with `peft_config`).
         teacher_model: the teacher (a model or a name / path; defaults to `args.teacher_model_name_or_path`). It may be
-            omitted for the pure cross-entropy (SFT) baseline. Teacher and student must share a tokenizer; a
-            vocabulary padded to a different size (Qwen2.5-0.5B vs 7B) is fine.
+            omitted for the pure cross-entropy (SFT) baseline. Teacher and student must share a tokenizer: the
+            teacher's, loaded from its name or from the path its config records, is compared with
+            `processing_class` and a different one is refused (a teacher object with no tokenizer to load is only
+            checked by vocabulary size, with a warning). A vocabulary padded to a different size (Qwen2.5-0.5B vs
+            7B) is fine.
         train_dataset / eval_dataset: rows with `messages` or `text` (see `AgentTrajectoryCollator`). Every row is
             encoded once before training starts (`encoding.encode_dataset`: `dataset.map`, cached), so a malformed
             trajectory fails at once, naming its row, and a dataset with nothing to train fails before any model
             loads.
-        data_collator: defaults to an `AgentTrajectoryCollator` built from `args`.
+        data_collator: defaults to an `AgentTrajectoryCollator` built from `args`. A collator that yields GKD's keys
+            only (`input_ids`, `attention_mask`, `labels`, `prompts`, `prompt_attention_mask`, e.g. TRL's
+            `DataCollatorForChatML`) trains every labelled token as one ACT span: GKD's loss, times `lambda_act`.
+
+    GKD's hooks work as in `GKDTrainer`: `trainer.beta` (and `lmbda`, `seq_kd`) may be changed after construction,
+    and a subclass may override `generalized_jsd_loss`; it is then called as GKD calls it, once per span kind with
+    the other kind's labels masked, and the loss takes the logits path (full logits, said once in a warning).
     """
 
     _tag_names = ["trl", "gkd", "trl-agent-distill"]
@@ -156,9 +173,10 @@ class AgentDistillTrainer(GKDTrainer):
         self.teacher_model = None
         self._shared_vocab_size = self.model.config.get_text_config().vocab_size
         if teacher_model is not None:
-            if isinstance(teacher_model, str):
-                teacher_model = self._load_teacher(teacher_model)
-            self._shared_vocab_size = self._check_vocabularies(teacher_model)
+            teacher_name = teacher_model if isinstance(teacher_model, str) else None
+            if teacher_name is not None:
+                teacher_model = self._load_teacher(teacher_name)
+            self._shared_vocab_size = self._check_vocabularies(teacher_model, teacher_name)
             keep_4bit_training_layout(teacher_model, "teacher")  # the same logits on every CPU, live or cached
             if self.is_deepspeed_enabled:
                 self.teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
@@ -169,6 +187,12 @@ class AgentDistillTrainer(GKDTrainer):
             disable_dropout_in_model(self.model)
         # A live teacher forward is needed for the divergence unless every batch brings cached teacher rows.
         self._uses_teacher_logits = args.uses_divergence and self.teacher_model is not None
+        if args.teacher_cache and self._overrides_divergence():
+            raise ValueError(
+                f"{type(self).__name__} overrides generalized_jsd_loss, which needs the teacher's full logits, but "
+                "teacher_cache holds only its top-k log-probabilities: train with a live teacher (no teacher_cache)."
+            )
+        self._warned_divergence_override = False
         self._chunked = self._setup_chunked_loss()
 
         self.lmbda = args.lmbda
@@ -222,8 +246,10 @@ class AgentDistillTrainer(GKDTrainer):
     def _load_teacher(self, name_or_path: str) -> PreTrainedModel:
         return create_model_from_path(name_or_path, **self.args.teacher_init_kwargs(self.accelerator.device))
 
-    def _check_vocabularies(self, teacher_model: nn.Module) -> int:
-        """The number of logit columns both models share; fails when the tokenizer does not fit in both."""
+    def _check_vocabularies(self, teacher_model: nn.Module, teacher_name: str | None = None) -> int:
+        """The number of logit columns both models share; fails when the teacher has another tokenizer, or when
+        the tokenizer does not fit in both models."""
+        self._check_teacher_tokenizer(teacher_model, teacher_name)
         student_size = self.model.config.get_text_config().vocab_size
         teacher_size = teacher_model.config.get_text_config().vocab_size
         tokenizer_size = len(self.processing_class)
@@ -235,6 +261,36 @@ class AgentDistillTrainer(GKDTrainer):
                 "trainer (trl.experimental.gold) for cross-tokenizer distillation."
             )
         return min(student_size, teacher_size)
+
+    def _check_teacher_tokenizer(self, teacher_model: nn.Module, teacher_name: str | None) -> None:
+        student = self.processing_class
+        source = tokenizer_source(teacher_model, teacher_name)
+        if source is not None and source == student.name_or_path:
+            return  # the student's tokenizer was loaded from the same files
+        teacher = load_tokenizer(source, self.args.trust_remote_code) if source else None
+        if teacher is None:
+            logger.warning(
+                "The teacher %s has no tokenizer to compare with the student's, so only vocabulary sizes are checked. "
+                "Pass the teacher by name or path (or a model loaded with from_pretrained from a folder holding its "
+                "tokenizer) to have the tokenizers compared.",
+                f"({source})" if source else "(a model object that names no checkpoint)",
+            )
+            return
+        mismatch = tokenizer_mismatch(student, teacher)
+        if mismatch is not None:
+            student_source = student.name_or_path or "processing_class"
+            raise ValueError(
+                f"The teacher's tokenizer ({source}) is not the student's ({student_source}): {mismatch}. The "
+                "divergence compares both models' next-token distributions id by id, so they must share a tokenizer. "
+                "Use a teacher of the student's model family (a vocabulary padded to another size, like Qwen2.5-0.5B "
+                "vs 7B, is fine), or TRL's GOLD trainer (trl.experimental.gold) for cross-tokenizer distillation."
+            )
+        appended = added_tokens_appended(student, teacher)
+        if appended:
+            logger.warning(
+                "The student's tokenizer has tokens the teacher's lacks, after its last id: %s. The teacher's logits "
+                "for them come from its untrained (padded) embedding rows, if it has any.", appended,
+            )
 
     def _setup_rollouts(self, args: AgentDistillConfig) -> AgentRollouts:
         """The student's environment for on-policy episodes (`environment`); the toy world is written once."""
@@ -266,11 +322,22 @@ class AgentDistillTrainer(GKDTrainer):
         elif self.seq_kd:
             generator = self.teacher_model
         if generator is not None:
+            missing = [key for key in ("prompts", "prompt_attention_mask") if key not in inputs]
+            if missing:
+                raise ValueError(
+                    f"lmbda > 0 and seq_kd generate completions from the batch's prompts, but the data collator gave "
+                    f"no {missing}: use a collator that emits them (AgentTrajectoryCollator, TRL's "
+                    "DataCollatorForChatML), or set lmbda=0 and seq_kd=False."
+                )
             with self._unwrapped_for_generation(generator) as unwrapped:
-                input_ids, attention_mask, _ = self.generate_on_policy_outputs(
+                input_ids, attention_mask, labels = self.generate_on_policy_outputs(
                     unwrapped, inputs, self.generation_config
                 )
-            inputs = {**inputs, **self._relabel_generated(input_ids, attention_mask, inputs["prompts"].shape[1])}
+            if "reason_mask" in inputs:
+                generated = self._relabel_generated(input_ids, attention_mask, inputs["prompts"].shape[1])
+            else:  # GKD's keys only: every generated token is trained, as one span, as GKD trains it
+                generated = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+            inputs = {**inputs, **generated}
         if self.lmbda > 0 or self.seq_kd:
             # Token counts taken from the dataset's labels are stale once any batch may be regenerated:
             # normalize each micro-batch locally and let the Trainer average over accumulation steps.
@@ -328,13 +395,9 @@ class AgentDistillTrainer(GKDTrainer):
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
         """Also count REASON and ACT tokens over the whole accumulation window, for 'span' normalization."""
         num_items_in_batch = super()._get_num_items_in_batch(batch_samples, device)
-        if batch_samples and "reason_mask" in batch_samples[0]:
-            counts = torch.stack(
-                [
-                    sum(batch[name][:, 1:].sum() for batch in batch_samples)
-                    for name in ("reason_mask", "act_mask")
-                ]
-            ).to(device)
+        if batch_samples:
+            masks = [_span_masks(batch) for batch in batch_samples]
+            counts = torch.stack([sum(mask[kind][:, 1:].sum() for mask in masks) for kind in (0, 1)]).to(device)
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 counts = self.accelerator.gather(counts.unsqueeze(0)).sum(0)
             self._span_token_counts = (counts[0], counts[1])
@@ -347,7 +410,7 @@ class AgentDistillTrainer(GKDTrainer):
         loss_kwargs = dict(
             lambda_reason=args.lambda_reason,
             lambda_act=args.lambda_act,
-            beta=args.beta,
+            beta=self.beta,
             temperature=args.loss_temperature,
             num_items_in_batch=num_items_in_batch,
             labels=inputs["labels"][:, 1:],
@@ -355,9 +418,10 @@ class AgentDistillTrainer(GKDTrainer):
             span_normalization=args.span_normalization,
             span_token_counts=self._span_token_counts if num_items_in_batch is not None else None,
         )
-        masks = inputs["reason_mask"][:, 1:], inputs["act_mask"][:, 1:]
-        # Evaluation with `compute_metrics` needs the student's logits, so it takes the logits path.
-        if self._chunked is not None and not return_outputs:
+        masks = tuple(mask[:, 1:] for mask in _span_masks(inputs))
+        # Evaluation with `compute_metrics` needs the student's logits, so it takes the logits path; so does a
+        # subclass's own `generalized_jsd_loss`, which takes logits.
+        if self._chunked is not None and not return_outputs and not self._divergence_forces_logits():
             student_outputs, output = self._chunked_loss(model, inputs, model_inputs, masks, loss_kwargs)
         else:
             student_outputs, output = self._logits_loss(model, inputs, model_inputs, masks, loss_kwargs)
@@ -379,7 +443,65 @@ class AgentDistillTrainer(GKDTrainer):
                 teacher = self.teacher_model(**model_inputs).logits[:, :-1, :vocab]
         if teacher is None:
             teacher = student_logits  # pure cross-entropy: no divergence is computed
+        if self._overrides_divergence() and self._uses_teacher_logits and not isinstance(teacher, SparseTeacher):
+            return student_outputs, self._overridden_divergence_loss(student_logits, teacher, masks, loss_kwargs)
         return student_outputs, span_divergence_loss(student_logits, teacher, *masks, **loss_kwargs)
+
+    def _divergence_forces_logits(self) -> bool:
+        """Whether an overridden `generalized_jsd_loss` (it takes logits) rules out the chunked loss; said once."""
+        if self.args.loss_implementation != "chunked" or not self._uses_teacher_logits:
+            return False
+        if not self._overrides_divergence():
+            return False
+        if not self._warned_divergence_override:
+            logger.warning(
+                "%s overrides generalized_jsd_loss, which takes full logits: using loss_implementation='logits' "
+                "(full (batch, tokens, vocab) logits of both models, more memory) instead of the chunked loss.",
+                type(self).__name__,
+            )
+            self._warned_divergence_override = True
+        return True
+
+    def _overrides_divergence(self) -> bool:
+        """Whether `generalized_jsd_loss` (GKD's hook for the divergence) was replaced, in a subclass or instance."""
+        divergence = self.generalized_jsd_loss
+        return getattr(divergence, "__func__", divergence) is not GKDTrainer.generalized_jsd_loss
+
+    def _overridden_divergence_loss(self, student_logits, teacher_logits, masks, loss_kwargs) -> SpanLossOutput:
+        """The span-weighted loss with the overridden `generalized_jsd_loss` as the divergence of each kind.
+
+        It is called as GKD calls it (`labels`, `beta`, `num_items_in_batch`; `temperature` only when
+        `loss_temperature` is not 1), once per span kind with the other kind's labels set to -100, and with
+        `num_items_in_batch` set to what that kind's sum is divided by, so a per-token sum over the kept labels
+        divided by `num_items_in_batch` (GKD's own reduction) weighs exactly as the built-in divergence does.
+        """
+        labels = loss_kwargs["labels"]
+        weights = loss_kwargs["lambda_reason"], loss_kwargs["lambda_act"]
+        # The cross-entropy part and the token counts, without the built-in divergence.
+        output = span_divergence_loss(
+            student_logits, teacher_logits, *masks, **{**loss_kwargs, "lambda_reason": 0.0, "lambda_act": 0.0}
+        )
+        normalizers = span_normalizers(
+            output.reason_tokens, output.act_tokens, loss_kwargs["span_normalization"],
+            loss_kwargs["num_items_in_batch"], loss_kwargs["span_token_counts"],
+        )
+        extra = {"temperature": loss_kwargs["temperature"]} if loss_kwargs["temperature"] != 1.0 else {}
+        loss, sums = output.loss, []
+        for mask, weight, normalizer in zip(masks, weights, normalizers):
+            if weight == 0.0 or not mask.any():
+                sums.append(torch.zeros((), device=student_logits.device))
+                continue
+            divergence = self.generalized_jsd_loss(
+                student_logits=student_logits,
+                teacher_logits=teacher_logits,
+                labels=torch.where(mask.bool(), labels, -100),
+                beta=self.beta,
+                num_items_in_batch=normalizer,
+                **extra,
+            )
+            loss = loss + weight * divergence
+            sums.append(divergence.detach() * normalizer)
+        return dataclasses.replace(output, loss=loss, reason_sum=sums[0], act_sum=sums[1])
 
     def _chunked_loss(self, model, inputs, model_inputs, masks, loss_kwargs):
         """Run both models for one position of logits only, and take the loss from their final hidden states."""
@@ -412,7 +534,7 @@ class AgentDistillTrainer(GKDTrainer):
 
     def _setup_chunked_loss(self) -> tuple[FinalHiddenStates, FinalHiddenStates | None] | None:
         """Hooks for the chunked loss, or None (logits path) when asked for, or when a model's head is unknown."""
-        if self.args.loss_implementation != "chunked":
+        if self.args.loss_implementation != "chunked" or self._divergence_forces_logits():
             return None
         models = [self.model] + ([self.teacher_model] if self._uses_teacher_logits else [])
         unsupported = [type(m).__name__ for m in models if logit_head(m) is None or final_norm(m) is None]
@@ -449,6 +571,21 @@ class AgentDistillTrainer(GKDTrainer):
             self._rollout_stats = dict.fromkeys(_ROLLOUT_STAT_NAMES, 0.0)
         self._span_stats[mode].zero_()
         super().log(logs, start_time)
+
+
+def _span_masks(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's REASON and ACT masks (not shifted). Without them (a collator yielding GKD's keys only), the
+    labelled tokens (labels != -100) are one ACT span, so the loss is GKD's token-level divergence."""
+    if "reason_mask" in batch and "act_mask" in batch:
+        return batch["reason_mask"], batch["act_mask"]
+    if "reason_mask" in batch or "act_mask" in batch:
+        given, absent = ("reason_mask", "act_mask") if "reason_mask" in batch else ("act_mask", "reason_mask")
+        raise ValueError(
+            f"The batch has '{given}' but no '{absent}': a collator gives both span masks, or neither (then every "
+            "labelled token is trained as one span)."
+        )
+    act = (batch["labels"] != -100).long()
+    return torch.zeros_like(act), act
 
 
 def _load_tokenizer(model: Any, args: AgentDistillConfig) -> PreTrainedTokenizerBase:
