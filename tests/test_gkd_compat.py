@@ -23,25 +23,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from datasets import Dataset, DatasetDict, IterableDatasetDict, load_dataset
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
 from transformers import AutoModelForCausalLM, GenerationConfig
 from trl.experimental.gkd import GKDConfig, GKDTrainer
 from trl.experimental.utils import DataCollatorForChatML
 
-from trl_agent_distill import AgentDistillConfig, AgentDistillTrainer, TrajectoryFormatError
+from trl_agent_distill import AgentDistillConfig, AgentDistillTrainer
 
 README = Path(__file__).parent.parent / "README.md"
 
-# Plain chat rows with no agent markers, like TRL's test data. `segmentation_style: auto` falls back to token-level
-# distillation on them (issue 13, part 3, first bullet, built in the encoding step); until that lands they are
-# refused, so the tests that train on them expect exactly that refusal. Strict: once the fallback is there they
-# pass, and this marker must go.
-needs_auto_fallback = pytest.mark.xfail(
-    reason="segmentation_style 'auto' does not yet fall back to token-level KD on plain chat rows",
-    raises=TrajectoryFormatError,
-    strict=True,
-)
-
+# Plain chat rows with no agent markers, like TRL's test data: `segmentation_style: auto` falls back to token-level
+# distillation on them (one ACT span per assistant turn).
 CHAT = [
     ("Name a colour.", "Red."),
     ("Name a colour.", "Green, like fresh grass in spring."),
@@ -322,7 +314,6 @@ class TestGKDTrainer:
         self.tokenizer = tokenizer
         self.zen = zen
 
-    @needs_auto_fallback
     def test_gkd_trainer(self):
         training_args = AgentDistillConfig(
             output_dir=self.tmp_dir,
@@ -349,7 +340,6 @@ class TestGKDTrainer:
         assert trainer.state.log_history[0]["eval_loss"] is not None
         assert "model.safetensors" in os.listdir(self.tmp_dir + "/checkpoint-2")
 
-    @needs_auto_fallback
     @pytest.mark.parametrize(
         "eval_dataset_type",
         [
@@ -390,9 +380,13 @@ class TestGKDTrainer:
         elif isinstance(trainer.eval_dataset, dict):
             assert set(trainer.eval_dataset.keys()) == {"data1", "data2"}
         else:
-            assert trainer.eval_dataset is eval_dataset
+            # The one changed assertion: GKD keeps the eval dataset object as given (it never tokenizes ahead); this
+            # trainer encodes it once with `dataset.map`, as TRL's SFTTrainer prepares its datasets.
+            assert type(trainer.eval_dataset) is type(eval_dataset)
+            assert "input_ids" in next(iter(trainer.eval_dataset))
+            if not isinstance(eval_dataset, IterableDataset):
+                assert len(trainer.eval_dataset) == len(eval_dataset)
 
-    @needs_auto_fallback
     def test_generation_config_init(self):
         training_args = AgentDistillConfig(output_dir=self.tmp_dir)
         dataset = self.zen
@@ -411,7 +405,6 @@ class TestGKDTrainer:
         assert trainer.generation_config.top_k == 0
         assert trainer.generation_config.top_p == 1.0
 
-    @needs_auto_fallback
     def test_init_multimodal_model(self, tiny_tokenizer):
         """Multimodal configs keep vocab_size in their text_config; the vocab check must handle them."""
         model_id = save_tiny_gemma3(Path(self.tmp_dir) / "tiny-Gemma3ForConditionalGeneration", tiny_tokenizer)
@@ -428,7 +421,6 @@ class TestGKDTrainer:
         student_vocab_size = trainer.model.config.get_text_config().vocab_size
         assert student_vocab_size == trainer.teacher_model.config.get_text_config().vocab_size
 
-    @needs_auto_fallback
     def test_loss_normalizes_by_num_items_in_batch(self):
         common = dict(output_dir=self.tmp_dir, report_to="none", per_device_train_batch_size=2, max_length=64)
         dataset = self.zen["train"].select(range(2))
@@ -456,7 +448,6 @@ class TestGKDTrainer:
         loss_double = trainer.compute_loss(trainer.model, batch, num_items_in_batch=num_valid * 2)
         torch.testing.assert_close(loss_double, loss_mean / 2, rtol=1e-4, atol=1e-6)
 
-    @needs_auto_fallback
     def test_loss_covers_all_completion_tokens_with_variable_length_prompts(self):
         common = dict(output_dir=self.tmp_dir, report_to="none", per_device_train_batch_size=2, max_length=64)
         dataset = Dataset.from_dict(
@@ -736,7 +727,7 @@ def write_splits(directory: Path, train: Dataset, test: Dataset) -> str:
         ("agent", []),
         ("agent", ["--use_peft", "--lora_r", "8", "--lora_alpha", "16", "--lmbda", "1.0", "--beta", "0.5",
                    "--max_new_tokens", "8"]),
-        pytest.param("chat", [], marks=needs_auto_fallback),
+        pytest.param("chat", []),
     ],
     ids=["agent-full", "agent-lora-on-policy", "chat-full"],
 )
