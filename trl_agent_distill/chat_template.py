@@ -163,7 +163,7 @@ def _choose_template(tokenizer: PreTrainedTokenizerBase, use_training_template: 
     else:
         try:
             template = get_training_chat_template(tokenizer)
-        except ValueError:
+        except _TEMPLATE_ERRORS:  # ValueError: TRL knows no training variant of this template
             _log_once(logging.INFO, "Chat template: TRL has no training template for this tokenizer's chat template; "
                                     "assistant turns are located by rendering with it.")
             return None, False

@@ -226,7 +226,8 @@ def cache_teacher(script_args, training_args: AgentDistillConfig, model_args, da
     tokenizer = AutoTokenizer.from_pretrained(args.teacher_model_name_or_path, trust_remote_code=args.trust_remote_code)
     splits = load_trajectory_splits(script_args, dataset_args)
     collator = AgentTrajectoryCollator(
-        tokenizer, max_length=args.max_length, style=args.segmentation_style, on_malformed=args.on_malformed
+        tokenizer, max_length=args.max_length, style=args.segmentation_style, on_malformed=args.on_malformed,
+        use_training_chat_template=args.use_training_chat_template,
     )
     dataset, _ = collator.check_dataset(splits[script_args.dataset_train_split], "train")
     teacher = create_model_from_path(args.teacher_model_name_or_path, **args.teacher_init_kwargs(state.device))

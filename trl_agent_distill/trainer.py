@@ -107,6 +107,7 @@ class AgentDistillTrainer(GKDTrainer):
                 max_length=args.max_length,
                 style=args.segmentation_style,
                 on_malformed=args.on_malformed,
+                use_training_chat_template=args.use_training_chat_template,
             )
         self.num_malformed_skipped = 0
         if isinstance(data_collator, AgentTrajectoryCollator):
@@ -231,7 +232,8 @@ class AgentDistillTrainer(GKDTrainer):
             self.accelerator.wait_for_everyone()
         style = args.segmentation_style if args.segmentation_style != "auto" else args.rollout_agent
         self._rollout_collator = AgentTrajectoryCollator(
-            self.processing_class, max_length=args.max_length, style=style, on_malformed="act"
+            self.processing_class, max_length=args.max_length, style=style, on_malformed="act",
+            use_training_chat_template=args.use_training_chat_template,
         )
         return AgentRollouts(args.rollout_task_config(toy_world_dir), self.processing_class,
                              seed=args.seed + self.accelerator.process_index)
