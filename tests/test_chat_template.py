@@ -390,3 +390,11 @@ def test_renderer_alone(tiny_tokenizer):
                       "Thought 2: Ostmere is smaller.\nAction 2: Finish[Varnholt]<|im_end|>"
     with pytest.raises(TrajectoryFormatError, match="opens with an assistant message"):
         ChatTemplateRenderer(tiny_tokenizer).render(REACT[1:])
+
+
+def test_characters_split_into_byte_tokens(tiny_tokenizer):
+    """An emoji is several byte tokens sharing one character's offsets (a random student writes such text)."""
+    messages = [REACT[0], {"role": "assistant", "content": "Thought 1: 🦜 says hi.\nAction 1: Finish[🦜]"}]
+    for name in ("chatml-tools", "llama3.1"):
+        decoded = decode(family_tokenizer(tiny_tokenizer, name), {"messages": messages})
+        assert decoded.reason == "Thought 1: 🦜 says hi.\n" and decoded.act.startswith("Action 1: Finish[🦜]")

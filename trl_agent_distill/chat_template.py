@@ -209,8 +209,9 @@ class _Row:
             for (start, end), marked in zip(offsets, encoding["assistant_masks"]):
                 if not marked:
                     continue
-                if self._generated and self._generated[-1][1] == start:
-                    self._generated[-1] = (self._generated[-1][0], end)
+                # The byte tokens of one character share its offsets: merge what touches or overlaps.
+                if self._generated and start <= self._generated[-1][1]:
+                    self._generated[-1] = (self._generated[-1][0], max(end, self._generated[-1][1]))
                 else:
                     self._generated.append((start, end))
         else:
