@@ -88,7 +88,7 @@ class ChatTemplateRenderer:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, *, use_training_template: bool = True):
         self.tokenizer = tokenizer
         self.template, self.uses_generation_markers = _choose_template(tokenizer, use_training_template)
-        self._added_tokens = _AddedTokens(tokenizer)
+        self.added_tokens = _AddedTokens(tokenizer)
 
     def render(
         self, messages: list[dict], tools: Any = None, *, style: str = "auto", unparsed_as: str | None = None
@@ -117,7 +117,7 @@ class ChatTemplateRenderer:
                 char_kinds[piece_start:piece_end] = bytes(piece_end - piece_start)  # its own spans decide
                 paint_spans(char_kinds, piece.spans, offset=shift, clip=(piece_start, piece_end))
                 if piece.reasoning:
-                    row.paint_think_tags(char_kinds, piece, piece_start, piece_end, (start, turn_end))
+                    row.paint_think_tags(char_kinds, piece_start, piece_end, (start, turn_end))
             _check_tool_calls(message, index, row.text, start, turn_end, located.values())
         return row.text, char_kinds
 
@@ -293,7 +293,7 @@ class _Row:
         bound = self._next_turn_bound(index)
         located = self._locate(index, pieces, start, bound)
         after = max((piece_end for _, piece_end, _ in located.values()), default=start)
-        return start, self._end_of_turn(after, bound, self.renderer._added_tokens.ending(last)), located
+        return start, self._end_of_turn(after, bound, self.renderer.added_tokens.ending(last)), located
 
     def _marked(self, index: int, start: int) -> tuple[int, int]:
         """The generation-marked text that runs through or follows `start`, trailing whitespace left out."""
@@ -322,7 +322,7 @@ class _Row:
         if end_token is not None and (found := self.text.find(end_token, after, bound)) >= 0:
             return found + len(end_token)
         # gpt-oss ends an answer with `<|return|>` when it is last and with `<|end|>` before more messages.
-        following = self.renderer._added_tokens.at(self.text, _WHITESPACE.match(self.text, after, bound).end())
+        following = self.renderer.added_tokens.at(self.text, _WHITESPACE.match(self.text, after, bound).end())
         return following if following is not None and following <= bound else after
 
     def _locate(self, index: int, pieces: list[_Piece], low: int, high: int) -> dict[_Piece, tuple[int, int, int]]:
@@ -352,9 +352,7 @@ class _Row:
                 )
         return cursor
 
-    def paint_think_tags(
-        self, char_kinds: bytearray, piece: _Piece, start: int, end: int, turn: tuple[int, int]
-    ) -> None:
+    def paint_think_tags(self, char_kinds: bytearray, start: int, end: int, turn: tuple[int, int]) -> None:
         """The `<think>` / `</think>` tags around located reasoning are part of it (with the spacing inside them)."""
         code = char_kinds[start]
         opening = self.text.rfind("<think>", turn[0], start)

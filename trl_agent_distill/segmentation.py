@@ -272,7 +272,7 @@ def _conversation_style(messages: list[dict], style: str) -> str | None:
         pass
     # Free text next to structured tool_calls needs no style (it is reasoning); any other assistant text does.
     for index, answer in answers.items():
-        if answer and not messages[index].get("tool_calls"):
+        if answer.strip() and not messages[index].get("tool_calls"):
             raise TrajectoryFormatError(f"{_NO_STYLE_REASON}; the message reads {_preview(answer)}", message_index=index)
     return None
 
