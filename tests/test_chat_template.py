@@ -398,3 +398,13 @@ def test_characters_split_into_byte_tokens(tiny_tokenizer):
     for name in ("chatml-tools", "llama3.1"):
         decoded = decode(family_tokenizer(tiny_tokenizer, name), {"messages": messages})
         assert decoded.reason == "Thought 1: 🦜 says hi.\n" and decoded.act.startswith("Action 1: Finish[🦜]")
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_the_text_is_what_apply_chat_template_renders(tiny_tokenizer, name):
+    """Marked runs come from the function `apply_chat_template` renders with: same text, with either template."""
+    tokenizer = family_tokenizer(tiny_tokenizer, name)
+    for use_training_template in (True, False):
+        renderer = ChatTemplateRenderer(tokenizer, use_training_template=use_training_template)
+        text, _ = renderer.render(CODEACT)
+        assert text == tokenizer.apply_chat_template(CODEACT, tokenize=False, chat_template=renderer.template)

@@ -34,6 +34,7 @@ from typing import Any
 
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
+from transformers.utils.chat_template_utils import render_jinja_template
 from trl.chat_template_utils import (
     get_training_chat_template,
     has_generation_markers,
@@ -89,6 +90,7 @@ class ChatTemplateRenderer:
         self.tokenizer = tokenizer
         self.template, self.uses_generation_markers = _choose_template(tokenizer, use_training_template)
         self.added_tokens = _AddedTokens(tokenizer)
+        self.generation_prompt = _generation_prompt(tokenizer, self.template) if self.uses_generation_markers else None
 
     def render(
         self, messages: list[dict], tools: Any = None, *, style: str = "auto", unparsed_as: str | None = None
@@ -198,25 +200,16 @@ class _Row:
         self.messages = messages
         self.tools = tools
         self._renderings: dict[tuple[int, bool], str] = {}
-        self.text = self.render(len(messages))
+        self._token_starts: list[int] | None = None  # tokenized only when a position must be snapped
         self._generated: list[tuple[int, int]] = []  # the {% generation %} runs, as character ranges
         if renderer.uses_generation_markers:
-            encoding = self._call_template(
-                messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
-                tokenizer_kwargs={"return_offsets_mapping": True},
-            )
-            offsets = encoding["offset_mapping"]
-            for (start, end), marked in zip(offsets, encoding["assistant_masks"]):
-                if not marked:
-                    continue
-                # The byte tokens of one character share its offsets: merge what touches or overlaps.
-                if self._generated and start <= self._generated[-1][1]:
-                    self._generated[-1] = (self._generated[-1][0], max(end, self._generated[-1][1]))
-                else:
-                    self._generated.append((start, end))
+            self.text = self._render_marked()
         else:
-            offsets = renderer.tokenizer(self.text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        self._token_starts = [start for start, _ in offsets]
+            self.text = self.render(len(messages))
+        assistants = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+        # One run per assistant message (the usual case) maps runs to messages in order; otherwise each turn is
+        # checked against the renderings of its history.
+        self._run_of = dict(zip(assistants, self._generated)) if len(self._generated) == len(assistants) else None
 
     # ------------------------------------------------------------------ rendering
     def render(self, count: int, generation_prompt: bool = False) -> str:
@@ -239,6 +232,34 @@ class _Row:
         tokenizer = self.renderer.tokenizer
         return tokenizer.apply_chat_template(messages, tools=self.tools, chat_template=self.renderer.template, **kwargs)
 
+    def _render_marked(self) -> str:
+        """The whole conversation, with its {% generation %} runs recorded as character ranges.
+
+        `apply_chat_template(return_assistant_tokens_mask=True)` gives these only per token, after tokenizing; the
+        function it renders with gives them per character in the same rendering, so no extra tokenization is needed.
+        """
+        tokenizer = self.renderer.tokenizer
+        try:
+            (text,), (runs,) = render_jinja_template(
+                conversations=[[_without_none(message) for message in self.messages]],
+                tools=self.tools,
+                chat_template=tokenizer.get_chat_template(self.renderer.template, self.tools),
+                return_assistant_tokens_mask=True,
+                **tokenizer.special_tokens_map,
+            )
+        except _TEMPLATE_ERRORS:
+            self.render(len(self.messages))  # raises, naming the message
+            raise
+        for start, end in runs:
+            if start == end:
+                continue
+            if self._generated and start <= self._generated[-1][1]:  # blocks that touch are one run
+                self._generated[-1] = (self._generated[-1][0], max(end, self._generated[-1][1]))
+            else:
+                self._generated.append((start, end))
+        self._renderings[(len(self.messages), False)] = text
+        return text
+
     def _first_refused(self, count: int) -> int:
         """The message whose addition makes the template fail (the last one when only the whole fails)."""
         for end in range(1, count):
@@ -250,6 +271,9 @@ class _Row:
 
     def _snap(self, position: int) -> int:
         """`position`, moved back to the start of the token it falls in (never inside a special token)."""
+        if self._token_starts is None:
+            encoding = self.renderer.tokenizer(self.text, add_special_tokens=False, return_offsets_mapping=True)
+            self._token_starts = [start for start, _ in encoding["offset_mapping"]]
         index = bisect.bisect_right(self._token_starts, position) - 1
         return self._token_starts[index] if index >= 0 else 0
 
@@ -262,6 +286,9 @@ class _Row:
                 "begin it with the system or user message it answers",
                 message_index=0,
             )
+        after_prompt = self._after_generation_prompt(index, floor)
+        if after_prompt is not None:
+            return after_prompt
         prompt = self.render(index, generation_prompt=True)
         if self.text.startswith(prompt) and len(prompt) >= floor:
             return len(prompt)
@@ -282,6 +309,19 @@ class _Row:
             )
         return found + len(generation_prompt)
 
+    def _after_generation_prompt(self, index: int, floor: int) -> int | None:
+        """Where the template's generation prompt ends, when it is written where the message's marked run starts.
+
+        Saves rendering the history for each turn; templates that write another prompt in some places (DeepSeek-R1
+        after tool results) fall back to that.
+        """
+        prompt = self.renderer.generation_prompt
+        if not prompt or self._run_of is None:
+            return None
+        run_start = self._run_of[index][0]
+        found = self.text.find(prompt, max(floor, run_start - len(prompt)), run_start + len(prompt))
+        return found + len(prompt) if found >= 0 and found <= run_start <= found + len(prompt) else None
+
     def turn(self, index: int, start: int, pieces: list[_Piece]) -> tuple[int, int, dict[_Piece, tuple[int, int, int]]]:
         """The trained range of the turn that starts at `start`, and where its pieces lie in it."""
         if self.renderer.uses_generation_markers:
@@ -297,14 +337,17 @@ class _Row:
 
     def _marked(self, index: int, start: int) -> tuple[int, int]:
         """The generation-marked text that runs through or follows `start`, trailing whitespace left out."""
-        run = bisect.bisect_right([end for _, end in self._generated], start)
-        if run == len(self._generated) or self._generated[run][0] >= self._next_turn_bound(index):
-            raise TrajectoryFormatError(
-                "the chat template's {% generation %} markers do not cover this assistant message; mark it, or set "
-                "use_training_chat_template=False to locate turns by rendering",
-                message_index=index,
-            )
-        run_start, run_end = self._generated[run]
+        if self._run_of is not None:
+            run_start, run_end = self._run_of[index]
+        else:
+            run = bisect.bisect_right([end for _, end in self._generated], start)
+            if run == len(self._generated) or self._generated[run][0] >= self._next_turn_bound(index):
+                raise TrajectoryFormatError(
+                    "the chat template's {% generation %} markers do not cover this assistant message; mark it, or "
+                    "set use_training_chat_template=False to locate turns by rendering",
+                    message_index=index,
+                )
+            run_start, run_end = self._generated[run]
         start = max(start, run_start)
         return start, start + len(self.text[start:run_end].rstrip())
 
@@ -381,9 +424,8 @@ class _AddedTokens:
         """The added token `text` ends with, if any."""
         if self._pattern is None:
             return None
-        tail_start = max(0, len(text) - self._longest)
-        for match in self._pattern.finditer(text, tail_start):
-            if match.end() == len(text):
+        for start in range(max(0, len(text) - self._longest), len(text)):
+            if (match := self._pattern.fullmatch(text, start)) is not None:
                 return match.group()
         return None
 
@@ -441,6 +483,22 @@ def _check_tool_calls(message: dict, index: int, text: str, start: int, end: int
                 "renders tool_calls or put the call in the message content",
                 message_index=index,
             )
+
+
+def _generation_prompt(tokenizer: PreTrainedTokenizerBase, template: str | None) -> str | None:
+    """What the template writes to open an assistant turn after a user message (None if it cannot say)."""
+    user = [{"role": "user", "content": _PROBE}]
+    try:
+        history = tokenizer.apply_chat_template(user, tokenize=False, chat_template=template)
+        prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True, chat_template=template)
+    except _TEMPLATE_ERRORS:
+        return None
+    return prompt[_common_prefix(prompt, history) :] or None
+
+
+def _without_none(message: dict) -> dict:
+    """A `datasets` row fills absent keys with None (e.g. `tool_calls`); templates test for missing keys."""
+    return {key: value for key, value in message.items() if value is not None}
 
 
 def _parse_tools(tools: Any) -> Any:
