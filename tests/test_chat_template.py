@@ -336,6 +336,8 @@ def test_generation_stops_on_every_end_of_turn_token(tiny_tokenizer, make_model)
     assert set(backend.end_token_ids) == set(tokenizer.convert_tokens_to_ids(["<|return|>", "<|call|>"]))
     assert end_of_turn_tokens(family_tokenizer(tiny_tokenizer, "llama3.1")) == ["<|eot_id|>"]
     assert end_of_turn_tokens(family_tokenizer(tiny_tokenizer, "qwen2.5")) == ["<|im_end|>"]
+    # Phi-3.5 ends an answer with `<|end|>` and closes the text with its eos after a last turn.
+    assert end_of_turn_tokens(family_tokenizer(tiny_tokenizer, "phi3.5")) == ["<|end|>", "<|endoftext|>"]
 
 
 # ---------------------------------------------------------------------------------------------- refusals

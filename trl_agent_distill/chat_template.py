@@ -10,8 +10,8 @@ Where it ends is found in one of two ways:
 
 - **generation markers**: where TRL has a training template for the tokenizer's template
   (`trl.get_training_chat_template`: prefix-preserving, reasoning kept in every turn, `{% generation %}` around what
-  the model writes), or the template has markers of its own, the turn is its marked text
-  (`return_assistant_tokens_mask`), up to its last non-blank character.
+  the model writes), or the template has markers of its own, the turn is its marked text (the spans behind
+  `return_assistant_tokens_mask`, per character), up to its last non-blank character.
 - **rendering** (any other template, or `use_training_template=False`): the turn ends where the conversation cut after
   it ends, so templates with several end-of-turn tokens (gpt-oss: `<|end|>`, `<|call|>`, `<|return|>`) give each turn
   its own. Where the template renders a turn differently once more messages follow, the turn ends at the end-of-turn
@@ -125,11 +125,11 @@ class ChatTemplateRenderer:
 
 
 def end_of_turn_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """The special tokens the chat template ends an assistant turn with, when it is the last message.
+    """The special tokens a model emits to end its assistant turn, as its chat template writes them.
 
-    What a chat model emits to hand control back, so generation stops on each (a chat model's eos is often another
-    token, e.g. Qwen's `<|endoftext|>` against `<|im_end|>`): gpt-oss ends an answer with `<|return|>` and a tool call
-    with `<|call|>`.
+    Generation stops on each (a chat model's eos is often another token, e.g. Qwen's `<|endoftext|>` against
+    `<|im_end|>`): the one right after an answer's text (Phi-3.5's `<|end|>`) and the one a last turn ends with (its
+    `<|endoftext|>`; gpt-oss's `<|return|>` after an answer, `<|call|>` after a tool call).
     """
     if not tokenizer.chat_template:
         return []
@@ -143,9 +143,11 @@ def end_of_turn_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
             rendered = tokenizer.apply_chat_template([user, probe], tokenize=False).rstrip()
         except _TEMPLATE_ERRORS:
             continue  # e.g. a template without tool calls
-        token = added_tokens.ending(rendered[_common_prefix(prompt, rendered) :])
-        if token is not None and token not in tokens:
-            tokens.append(token)
+        turn = rendered[_common_prefix(prompt, rendered) :]
+        answer_end = turn.find(_PROBE) + len(_PROBE) if probe.get("content") and _PROBE in turn else None
+        for token in (added_tokens.at(turn, answer_end) if answer_end else None, added_tokens.ending(turn)):
+            if token is not None and token not in tokens:
+                tokens.append(token)
     if not tokens:
         logger.warning("The chat template writes no special token at the end of an assistant turn; none is known to stop on.")
     return tokens
@@ -365,8 +367,9 @@ class _Row:
         if end_token is not None and (found := self.text.find(end_token, after, bound)) >= 0:
             return found + len(end_token)
         # gpt-oss ends an answer with `<|return|>` when it is last and with `<|end|>` before more messages.
-        following = self.renderer.added_tokens.at(self.text, _WHITESPACE.match(self.text, after, bound).end())
-        return following if following is not None and following <= bound else after
+        position = _WHITESPACE.match(self.text, after, bound).end()
+        following = self.renderer.added_tokens.at(self.text, position)
+        return position + len(following) if following is not None and position + len(following) <= bound else after
 
     def _locate(self, index: int, pieces: list[_Piece], low: int, high: int) -> dict[_Piece, tuple[int, int, int]]:
         """Each piece's (start, end, offset of its char 0) in the text between `low` and `high`, in order."""
@@ -415,10 +418,10 @@ class _AddedTokens:
         self._pattern = re.compile("|".join(map(re.escape, tokens))) if tokens else None
         self._longest = len(tokens[0]) if tokens else 0
 
-    def at(self, text: str, position: int) -> int | None:
-        """The end of the added token that starts at `position`, if one does."""
+    def at(self, text: str, position: int) -> str | None:
+        """The added token that starts at `position`, if one does."""
         match = self._pattern.match(text, position) if self._pattern else None
-        return match.end() if match else None
+        return match.group() if match else None
 
     def ending(self, text: str) -> str | None:
         """The added token `text` ends with, if any."""
