@@ -45,7 +45,8 @@ FAMILIES = {
         "llama3_1.jinja",
         {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
          "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|python_tag|>"]},
-        ends=("<|eot_id|>",) * 2, tool_call_ends=("<|eot_id|>",) * 2, headers=("<|start_header_id|>", "<|end_header_id|>"),
+        ends=("<|eot_id|>",) * 2, tool_call_ends=("<|eot_id|>",) * 2,
+        headers=("<|start_header_id|>", "<|end_header_id|>"),
     ),
     "gemma3": Family(
         "gemma3.jinja",
@@ -54,7 +55,8 @@ FAMILIES = {
     ),
     "phi3.5": Family(
         "phi3_5.jinja",
-        {"eos_token": "<|endoftext|>", "additional_special_tokens": ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]},
+        {"eos_token": "<|endoftext|>",
+         "additional_special_tokens": ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]},
         ends=("<|end|>", "<|endoftext|>"), headers=("<|assistant|>", "<|user|>"),  # its last turn also closes the text
     ),
     "deepseek-r1-distill": Family(
@@ -69,8 +71,10 @@ FAMILIES = {
     "gpt-oss": Family(
         "gptoss.jinja",
         {"eos_token": "<|return|>",
-         "additional_special_tokens": ["<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|call|>", "<|constrain|>"]},
-        ends=("<|end|>", "<|return|>"), tool_call_ends=("<|call|>", "<|call|>"), headers=("<|start|>assistant<|channel|>",),
+         "additional_special_tokens": ["<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|call|>",
+                                       "<|constrain|>"]},
+        ends=("<|end|>", "<|return|>"), tool_call_ends=("<|call|>", "<|call|>"),
+        headers=("<|start|>assistant<|channel|>",),
     ),
 }
 _TOKENIZERS = {}
@@ -98,13 +102,15 @@ OBSERVATION = 'Observation:\nExecution logs:\nVarnholt has "4120" inhabitants.\n
 CODEACT = [
     {"role": "system", "content": "You are an agent with a web_search tool."},
     {"role": "user", "content": "How many people live in Varnholt?"},
-    {"role": "assistant", "content": 'Thought: I need the population.\nCode:\n```py\nprint(web_search("Varnholt"))\n```<end_code>'},
+    {"role": "assistant",
+     "content": 'Thought: I need the population.\nCode:\n```py\nprint(web_search("Varnholt"))\n```<end_code>'},
     {"role": "user", "content": OBSERVATION},
     {"role": "assistant", "content": "Thought: It is 4120.\nCode:\n```py\nfinal_answer(4120)\n```<end_code>"},
 ]
 REACT = [
     {"role": "user", "content": "Question: Which town is larger, Varnholt or Ostmere?"},
-    {"role": "assistant", "content": "I will compare them.\nThought 1: I should search Varnholt.\nAction 1: Search[Varnholt]"},
+    {"role": "assistant",
+     "content": "I will compare them.\nThought 1: I should search Varnholt.\nAction 1: Search[Varnholt]"},
     {"role": "user", "content": "Observation 1: Varnholt has 4120 inhabitants."},
     {"role": "assistant", "content": "Thought 2: Ostmere is smaller.\nAction 2: Finish[Varnholt]"},
 ]
@@ -117,7 +123,8 @@ def call(name: str, **arguments) -> dict:
 def tool(name: str, argument: str) -> dict:
     parameters = {"type": "object", "properties": {argument: {"type": "string", "description": argument}},
                   "required": [argument]}
-    return {"type": "function", "function": {"name": name, "description": f"The {name} tool.", "parameters": parameters}}
+    function = {"name": name, "description": f"The {name} tool.", "parameters": parameters}
+    return {"type": "function", "function": function}
 
 
 TOOLS = [tool("web_search", "query"), tool("final_answer", "answer")]
@@ -131,9 +138,11 @@ TOOL_CALLS = [
 ]
 THINKING = [  # Qwen3 / DeepSeek-R1 style: reasoning in <think> blocks of the content
     {"role": "user", "content": "How many people live in Varnholt?"},
-    {"role": "assistant", "content": '<think>\nI must search first.\n</think>\n\nThought: search.\nCode:\n```py\nprint(web_search("Varnholt"))\n```<end_code>'},
+    {"role": "assistant", "content": "<think>\nI must search first.\n</think>\n\nThought: search.\n"
+                                     'Code:\n```py\nprint(web_search("Varnholt"))\n```<end_code>'},
     {"role": "user", "content": "Observation:\n4120"},
-    {"role": "assistant", "content": "<think>\nSo it is 4120.\n</think>\n\nThought: done.\nCode:\n```py\nfinal_answer(4120)\n```<end_code>"},
+    {"role": "assistant",
+     "content": "<think>\nSo it is 4120.\n</think>\n\nThought: done.\nCode:\n```py\nfinal_answer(4120)\n```<end_code>"},
 ]
 REASONING_FIELD = [  # the same with the reasoning in `reasoning_content` (transformers also reads it as `thinking`)
     {"role": "user", "content": "How many people live in Varnholt?"},
@@ -209,7 +218,9 @@ def test_react_rows(tiny_tokenizer, name, use_training_template):
     decoded = decode(family_tokenizer(tiny_tokenizer, name), {"messages": REACT},
                      use_training_chat_template=use_training_template)
     # Prose before the first step marker is the agent's reasoning too.
-    assert decoded.reason == "I will compare them.\nThought 1: I should search Varnholt.\nThought 2: Ostmere is smaller.\n"
+    assert decoded.reason == (
+        "I will compare them.\nThought 1: I should search Varnholt.\nThought 2: Ostmere is smaller.\n"
+    )
     assert "Action 1: Search[Varnholt]" in decoded.act and "Action 2: Finish[Varnholt]" in decoded.act
     assert_turns_end_with(decoded, family.ends)
     assert_never_trained(decoded, family, "Question", "Observation 1", "4120 inhabitants")
@@ -324,9 +335,12 @@ def test_gpt_oss_turns_end_with_their_own_end_of_turn_token(tiny_tokenizer):
     for use_training_template in (True, False):
         codeact = decode(tokenizer, {"messages": CODEACT}, use_training_chat_template=use_training_template)
         assert codeact.turns[0].endswith("<end_code><|end|>") and codeact.turns[1].endswith("<end_code><|return|>")
-        calls = decode(tokenizer, {"messages": TOOL_CALLS, "tools": TOOLS}, use_training_chat_template=use_training_template)
+        calls = decode(tokenizer, {"messages": TOOL_CALLS, "tools": TOOLS},
+                       use_training_chat_template=use_training_template)
         assert calls.turns[0].endswith('{"query": "Varnholt"}<|call|>')
-        assert calls.turns[1] == ' to=functions.final_answer<|channel|>commentary json<|message|>{"answer": "4120"}<|call|>'
+        assert calls.turns[1] == (
+            ' to=functions.final_answer<|channel|>commentary json<|message|>{"answer": "4120"}<|call|>'
+        )
     assert end_of_turn_tokens(tokenizer) == ["<|return|>", "<|call|>"]
 
 
@@ -388,8 +402,10 @@ def test_renderer_alone(tiny_tokenizer):
     text, kinds = ChatTemplateRenderer(family_tokenizer(tiny_tokenizer, "qwen2.5")).render(REACT)
     assert len(kinds) == len(text)
     trained = "".join(char for char, kind in zip(text, kinds) if kind)
-    assert trained == "I will compare them.\nThought 1: I should search Varnholt.\nAction 1: Search[Varnholt]<|im_end|>" \
-                      "Thought 2: Ostmere is smaller.\nAction 2: Finish[Varnholt]<|im_end|>"
+    assert trained == (
+        "I will compare them.\nThought 1: I should search Varnholt.\nAction 1: Search[Varnholt]<|im_end|>"
+        "Thought 2: Ostmere is smaller.\nAction 2: Finish[Varnholt]<|im_end|>"
+    )
     with pytest.raises(TrajectoryFormatError, match="opens with an assistant message"):
         ChatTemplateRenderer(tiny_tokenizer).render(REACT[1:])
 

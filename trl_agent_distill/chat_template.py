@@ -102,8 +102,8 @@ class ChatTemplateRenderer:
         content_spans = segment_messages(messages, style, unparsed_as=unparsed_as)
         if not self.tokenizer.chat_template:
             raise TrajectoryFormatError(
-                "the tokenizer has no chat template, so `messages` rows cannot be rendered; set tokenizer.chat_template "
-                "or give the rows as `text`"
+                "the tokenizer has no chat template, so `messages` rows cannot be rendered; set "
+                "tokenizer.chat_template or give the rows as `text`"
             )
         row = _Row(self, messages, _parse_tools(tools))
         char_kinds = bytearray(len(row.text))
@@ -111,9 +111,8 @@ class ChatTemplateRenderer:
         for index, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            start, turn_end, located = row.turn(
-                index, row.turn_start(index, floor=turn_end), _pieces(message, content_spans[index], reasoning_kind(style))
-            )
+            pieces = _pieces(message, content_spans[index], reasoning_kind(style))
+            start, turn_end, located = row.turn(index, row.turn_start(index, floor=turn_end), pieces)
             char_kinds[start:turn_end] = bytes([ACT]) * (turn_end - start)  # markup and the end of turn
             for piece, (piece_start, piece_end, shift) in located.items():
                 char_kinds[piece_start:piece_end] = bytes(piece_end - piece_start)  # its own spans decide
@@ -135,7 +134,10 @@ def end_of_turn_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
         return []
     added_tokens = _AddedTokens(tokenizer)
     user = {"role": "user", "content": "hi"}
-    probes = [{"role": "assistant", "content": _PROBE}, {"role": "assistant", "content": "", "tool_calls": [_PROBE_CALL]}]
+    probes = [
+        {"role": "assistant", "content": _PROBE},
+        {"role": "assistant", "content": "", "tool_calls": [_PROBE_CALL]},
+    ]
     tokens: list[str] = []
     for probe in probes:
         try:
@@ -149,7 +151,8 @@ def end_of_turn_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
             if token is not None and token not in tokens:
                 tokens.append(token)
     if not tokens:
-        logger.warning("The chat template writes no special token at the end of an assistant turn; none is known to stop on.")
+        logger.warning("The chat template writes no special token at the end of an assistant turn; generation only "
+                       "stops at eos.")
     return tokens
 
 
@@ -386,10 +389,11 @@ class _Row:
             elif piece.parts:
                 cursor = self._locate_in_order(index, piece.parts, cursor, high, located)
             elif piece.droppable is not None:
-                hint = _DROPPED_HINTS[piece.droppable]
+                template = self.renderer.template or self.renderer.tokenizer.chat_template
                 _log_once(logging.WARNING, f"The chat template does not render {piece.droppable} of some assistant "
-                                           f"messages (the first: message {index}); that text is not trained{hint}.",
-                          key=f"dropped {piece.droppable} {self.renderer.template or self.renderer.tokenizer.chat_template}")
+                                           f"messages (the first: message {index}); that text is not trained"
+                                           f"{_DROPPED_HINTS[piece.droppable]}.",
+                          key=f"dropped {piece.droppable} {template}")
             else:
                 raise TrajectoryFormatError(
                     "the chat template does not render this message's content verbatim, so its spans cannot be "
@@ -413,8 +417,8 @@ class _AddedTokens:
     """Finds the tokenizer's added and special tokens (end-of-turn markers among them) in rendered text."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase):
-        tokens = {token.content for token in tokenizer.added_tokens_decoder.values()} | set(tokenizer.all_special_tokens)
-        tokens = sorted((token for token in tokens if token), key=len, reverse=True)  # longest first
+        tokens = {token.content for token in tokenizer.added_tokens_decoder.values()}
+        tokens = sorted((token for token in tokens | set(tokenizer.all_special_tokens) if token), key=len, reverse=True)
         self._pattern = re.compile("|".join(map(re.escape, tokens))) if tokens else None
         self._longest = len(tokens[0]) if tokens else 0
 
@@ -454,8 +458,9 @@ def _pieces(message: dict, content_spans: list[Span], reasoning: str) -> list[_P
         return [*pieces, whole]
     inner_start = content.find("<think>", 0, think_end)
     inner_start = 0 if inner_start < 0 else inner_start + len("<think>")
+    inner_end = think_end - len("</think>")
     whole.parts = [
-        _part(content, content_spans, inner_start, think_end - len("</think>"), reasoning=True, droppable="the reasoning"),
+        _part(content, content_spans, inner_start, inner_end, reasoning=True, droppable="the reasoning"),
         _part(content, content_spans, think_end, len(content), reasoning=False, droppable=beside_calls),
     ]
     return [*pieces, whole]

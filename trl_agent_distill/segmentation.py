@@ -265,7 +265,11 @@ def _conversation_style(messages: list[dict], style: str) -> str | None:
     """The style for every assistant message; None when none could be detected and no message needs one."""
     if style != "auto":
         return style
-    answers = {i: _answer(m["content"]) for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("content")}
+    answers = {
+        index: _answer(message["content"])
+        for index, message in enumerate(messages)
+        if message["role"] == "assistant" and message.get("content")
+    }
     try:
         return detect_style("\n".join(answer for answer in answers.values() if answer))
     except TrajectoryFormatError:
@@ -273,7 +277,8 @@ def _conversation_style(messages: list[dict], style: str) -> str | None:
     # Free text next to structured tool_calls needs no style (it is reasoning); any other assistant text does.
     for index, answer in answers.items():
         if answer.strip() and not messages[index].get("tool_calls"):
-            raise TrajectoryFormatError(f"{_NO_STYLE_REASON}; the message reads {_preview(answer)}", message_index=index)
+            reason = f"{_NO_STYLE_REASON}; the message reads {_preview(answer)}"
+            raise TrajectoryFormatError(reason, message_index=index)
     return None
 
 
