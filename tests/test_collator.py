@@ -4,6 +4,7 @@ import logging
 import pytest
 import torch
 
+from trl_agent_distill.chat_template import end_of_turn_tokens
 from trl_agent_distill.collator import ACT, REASON, AgentTrajectoryCollator
 from trl_agent_distill.segmentation import TrajectoryFormatError
 
@@ -62,8 +63,8 @@ def test_codeact_messages_train_every_assistant_turn_and_nothing_else(collator, 
         assert untrained not in trained_text
 
 
-def test_end_of_turn_is_found_from_the_template(collator):
-    assert collator.end_of_turn == "<|im_end|>"
+def test_end_of_turn_is_found_from_the_template(tiny_tokenizer):
+    assert end_of_turn_tokens(tiny_tokenizer) == ["<|im_end|>"]
 
 
 def test_text_rows_mask_prompt_and_observations(collator, tiny_tokenizer):
@@ -202,7 +203,7 @@ def test_a_llama3_style_template_trains_the_same_text(tiny_tokenizer):
     )
     llama.chat_template = LLAMA3_TEMPLATE
     collator = AgentTrajectoryCollator(llama)
-    assert collator.end_of_turn == "<|eot_id|>"
+    assert end_of_turn_tokens(llama) == ["<|eot_id|>"]
     batch = collator([CODEACT_ROW])
     assert_invariants(batch)
     act_text = decode_where(llama, batch, 0, "act_mask")

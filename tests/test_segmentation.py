@@ -13,8 +13,11 @@ from trl_agent_distill.segmentation import (
     Span,
     TrajectoryFormatError,
     detect_style,
+    reasoning_field,
+    reasoning_kind,
     segment_messages,
     segment_text,
+    think_block_end,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures" / "segmentation"
@@ -764,3 +767,51 @@ def test_random_conversations_cover_every_message():
             assert_partition(message["content"], message_spans)
         segmented += 1
     assert segmented >= 50
+
+
+# ---------------------------------------------------------------------------------------------- reasoning
+def test_prose_before_the_first_step_is_the_assistants_reasoning():
+    text = "Let me look this up first.\nThought: search.\nCode:\n```py\nprint(1)\n```<end_code>"
+    assert pieces(text, segment_text(text, "codeact", role="assistant")) == [
+        ("reason", "Let me look this up first.\nThought: search.\n"),
+        ("act", "Code:\n```py\nprint(1)\n```<end_code>"),
+    ]
+    # In a whole transcript the text before the first step is the prompt.
+    assert segment_text(text, "codeact")[0] == Span("other", 0, 27)
+    # Blank space before a step goes with that step; prose alone is still no step.
+    assert pieces("\n\nAction: Finish[x]", segment_text("\n\nAction: Finish[x]", "react", role="assistant")) == [
+        ("act", "\n\nAction: Finish[x]")
+    ]
+    with pytest.raises(TrajectoryFormatError, match="no recognisable step"):
+        segment_text("Just prose.", "react", role="assistant")
+
+
+def test_think_blocks_are_reason():
+    content = "<think>\nCompare the years.\n</think>\n\nThought: 1844 is earlier.\nAction: Finish[1844]"
+    messages = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": content}]
+    assert pieces(content, segment_messages(messages)[1]) == [
+        ("reason", "<think>\nCompare the years.\n</think>\n\nThought: 1844 is earlier.\n"),
+        ("act", "Action: Finish[1844]"),
+    ]
+    # DeepSeek-R1 writes its `<think>` in the generation prompt: the content holds only the closing tag.
+    assert think_block_end("so 1844.\n</think>\nFinish[1844]") == len("so 1844.\n</think>")
+    assert think_block_end("Thought: no block") == 0
+    # The style is detected on the text after the block, whatever the reasoning looks like.
+    coded = [{"role": "user", "content": "Q"},
+             {"role": "assistant", "content": "<think>```py\nx\n```</think>Thought 1: t\nAction 1: Finish[1]"}]
+    assert [span.kind for span in segment_messages(coded)[1]] == ["reason", "act"]
+    # A turn that only thinks, and style none (one kind for every trained token).
+    assert segment_messages([messages[0], {"role": "assistant", "content": "<think>x</think>\n"}])[1] == [
+        Span("reason", 0, 17)
+    ]
+    assert segment_messages(messages, "none")[1] == [Span("act", 0, len(content))]
+
+
+def test_reasoning_fields_must_be_strings():
+    messages = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "Action: Finish[1]",
+                                                   "reasoning_content": ["step one"]}]
+    with pytest.raises(TrajectoryFormatError) as error:
+        segment_messages(messages)
+    assert error.value.message_index == 1 and "reasoning_content is a list, not a string" in str(error.value)
+    assert reasoning_field({"thinking": "t", "reasoning_content": None}) == "t"
+    assert reasoning_kind("react") == "reason" and reasoning_kind("none") == "act"

@@ -13,6 +13,7 @@ import os
 # The trainer builds on TRL's experimental GKD trainer; its import warning says nothing actionable to our users.
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
+from .chat_template import ChatTemplateRenderer, end_of_turn_tokens  # noqa: E402
 from .collator import AgentTrajectoryCollator  # noqa: E402
 from .config import AgentDistillConfig  # noqa: E402
 from .data import DATASET_FORMATS, from_smolagents_log, prepare_trajectory_dataset  # noqa: E402
@@ -32,6 +33,7 @@ __all__ = [
     "AgentDistillTrainer",
     "AgentRollouts",
     "AgentTrajectoryCollator",
+    "ChatTemplateRenderer",
     "DATASET_FORMATS",
     "DemoConfig",
     "EvalConfig",
@@ -40,6 +42,7 @@ __all__ = [
     "SpanLossOutput",
     "TrajectoryFormatError",
     "answers_match",
+    "end_of_turn_tokens",
     "evaluate",
     "from_smolagents_log",
     "generate_trajectories",

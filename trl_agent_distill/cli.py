@@ -230,6 +230,7 @@ def cache_teacher(script_args, training_args: AgentDistillConfig, model_args, da
     collator = AgentTrajectoryCollator(
         tokenizer, max_length=args.max_length, style=args.segmentation_style, on_malformed=args.on_malformed,
         truncation_mode=args.truncation_mode,
+        use_training_chat_template=args.use_training_chat_template,
     )
     dataset, _ = encode_dataset(splits[script_args.dataset_train_split], collator, "train", args.dataset_num_proc)
     teacher = create_model_from_path(args.teacher_model_name_or_path, **args.teacher_init_kwargs(state.device))

@@ -1,9 +1,10 @@
 """Collator that turns agent trajectories into token ids plus REASON / ACT masks.
 
-Rows hold either chat `messages` (any chat template) or plain `text` (with an optional `prompt`). Spans found by
-`segmentation` on characters are mapped to tokens through the fast tokenizer's offset mapping, so the masks follow
-whatever the template renders. Every assistant turn is trained (TRL's ChatML collator trains only the last one), and
-so is each assistant turn's end-of-turn token, so the student learns when to hand control back to the environment.
+Rows hold either chat `messages` (any chat template, rendered by `chat_template`) or plain `text` (with an optional
+`prompt`). Spans found by `segmentation` on characters are mapped to tokens through the fast tokenizer's offset mapping,
+so the masks follow whatever the template renders. Every assistant turn is trained (TRL's ChatML collator trains only
+the last one), and so is each assistant turn's end-of-turn token, so the student learns when to hand control back to
+the environment.
 
 The trainer encodes its datasets once (`encoding.encode_dataset`, with `dataset.map`), so the rows it collates are
 already `input_ids` / `token_kinds` / `prompt_length` and are only padded here; raw rows (rollouts, or a user calling
@@ -13,7 +14,6 @@ the collator directly) are encoded on the spot with `encode`.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -24,12 +24,12 @@ import torch
 from tokenizers.decoders import DecodeStream
 from transformers import PreTrainedTokenizerBase
 
-from .segmentation import Span, TrajectoryFormatError, segment_messages, segment_text
+from .chat_template import ChatTemplateRenderer
+from .segmentation import ACT, REASON, UNTRAINED, Span, TrajectoryFormatError, segment_text  # noqa: F401 (kind codes live here too)
+from .segmentation import paint_spans as _paint
 
 logger = logging.getLogger(__name__)
 
-UNTRAINED, REASON, ACT = 0, 1, 2
-_KIND_CODES = {"reason": REASON, "act": ACT}
 # Columns a teacher cache adds to a dataset (see `teacher_cache`); passed through to the loss.
 CACHED_TEACHER_COLUMNS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_logprob")
 ON_MALFORMED = ("raise", "skip", "act")
@@ -37,7 +37,6 @@ TRUNCATION_MODES = ("keep_start", "keep_end")  # TRL SFTConfig's `truncation_mod
 # `str.isspace()` for every code point up to U+3000, the last one it holds for: a token's kind is that of its first
 # other character.
 _IS_SPACE = np.array([chr(code).isspace() for code in range(0x3001)] + [False])
-_PROBE = "PROBE7d1f0c"  # plain text: templates that `| trim` must keep it whole
 _TRUNCATION_WARNINGS = 3  # per collator: a long dataset would otherwise flood the log every epoch
 
 
@@ -89,6 +88,8 @@ class AgentTrajectoryCollator:
         on_malformed: `"raise"` a `TrajectoryFormatError`, `"skip"` the row and count it in `num_skipped`, or `"act"`:
             train an assistant turn that does not segment as one ACT span (on-policy rollouts: the student's own
             text is a sample whatever it wrote).
+        use_training_chat_template: locate assistant turns with TRL's training chat template for the tokenizer's
+            template (`{% generation %}` markers, reasoning kept in every turn) where TRL has one; see `chat_template`.
     """
 
     def __init__(
@@ -99,6 +100,7 @@ class AgentTrajectoryCollator:
         on_malformed: str = "raise",
         pad_to_multiple_of: int | None = None,
         truncation_mode: str = "keep_start",
+        use_training_chat_template: bool = True,
     ):
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError(
@@ -118,7 +120,7 @@ class AgentTrajectoryCollator:
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if self.pad_token_id is None:
             raise ValueError("The tokenizer has neither a pad token nor an eos token to pad with; set one.")
-        self.end_of_turn = find_end_of_turn(tokenizer) if tokenizer.chat_template else None
+        self.renderer = ChatTemplateRenderer(tokenizer, use_training_template=use_training_chat_template)
         self.num_skipped = 0
         self.num_truncated = 0
 
@@ -229,18 +231,9 @@ class AgentTrajectoryCollator:
         return EncodedTrajectory(ids, kinds.tolist(), prompt_length, full_length)
 
     def _history_prompt(self, messages: list[dict], tools: Any) -> str | None:
-        """What GKD generates the last assistant turn from: the history before it, with the generation prompt.
-
-        None when the template cannot render that history on its own (the prompt then ends before the last turn's
-        first trained token, see `_prompt_length`).
-        """
-        last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
-        try:
-            return self._apply_template(
-                messages[:last], tools=json.loads(tools) if isinstance(tools, str) else tools, add_generation_prompt=True
-            )
-        except Exception:  # noqa: BLE001 - templates raise anything (jinja2, TypeError...) on histories they reject
-            return None
+        """What GKD generates the last assistant turn from (see `ChatTemplateRenderer.history_prompt`); when None,
+        the prompt ends before the last turn's first trained token (`_prompt_length`)."""
+        return self.renderer.history_prompt(messages, tools)
 
     def _render_text(self, prompt: str, completion: str) -> tuple[str, bytearray]:
         spans = segment_text(completion, self.style)
@@ -253,73 +246,8 @@ class AgentTrajectoryCollator:
         return text, char_kinds
 
     def _render_messages(self, messages: list[dict], tools: Any) -> tuple[str, bytearray]:
-        if isinstance(tools, str):
-            tools = json.loads(tools)
-        spans_per_message = segment_messages(
-            messages, self.style, unparsed_as="act" if self.on_malformed == "act" else None
-        )
-        text = self._apply_template(messages, tools=tools)
-        char_kinds = bytearray(len(text))
-        content_positions = self._locate_contents(messages, text, tools)
-        for index, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            start, end, shift = content_positions[index]
-            _paint(char_kinds, spans_per_message[index], offset=shift, clip=(start, end))
-            next_start = next((pos[0] for pos in content_positions[index + 1 :]), len(text))
-            self._paint_turn_end(char_kinds, text, message, index, end, next_start)
-        return text, char_kinds
-
-    def _locate_contents(self, messages: list[dict], text: str, tools: Any) -> list[tuple[int, int, int]]:
-        """Where each message's content sits in the rendered text: (start, end, offset of content char 0)."""
-        positions = []
-        cursor = 0
-        for index, message in enumerate(messages):
-            if message["role"] == "assistant":
-                # Rendering the history with a generation prompt ends exactly where this turn's content begins,
-                # when the template renders earlier turns the same way regardless of what follows.
-                prefix = self._apply_template(messages[:index], tools=tools, add_generation_prompt=True)
-                if text.startswith(prefix) and len(prefix) >= cursor:
-                    cursor = len(prefix)
-            content = message.get("content") or ""
-            start, stripped = _find_content(text, content, cursor)
-            if start < 0:
-                raise TrajectoryFormatError(
-                    "the chat template does not render this message's content verbatim, so its spans cannot be "
-                    "placed on tokens; use a template that keeps message text as is",
-                    message_index=index,
-                )
-            shift = start - (len(content) - len(content.lstrip())) if stripped else start
-            end = start + len(content.strip() if stripped else content)
-            positions.append((start, end, shift))
-            cursor = end
-        return positions
-
-    def _paint_turn_end(
-        self, char_kinds: bytearray, text: str, message: dict, index: int, content_end: int, next_start: int
-    ) -> None:
-        """Train the end-of-turn marker, and the rendered `tool_calls` before it, as ACT."""
-        if self.end_of_turn is None:
-            if message.get("tool_calls"):
-                raise TrajectoryFormatError(
-                    "the assistant message has tool_calls but the chat template marks no end of turn, so the "
-                    "rendered call cannot be located",
-                    message_index=index,
-                )
-            return
-        eot = text.find(self.end_of_turn, content_end, next_start)
-        if eot < 0:
-            return  # the template ends this turn without a marker (e.g. a final turn it leaves open)
-        start = content_end if message.get("tool_calls") else eot
-        char_kinds[start : eot + len(self.end_of_turn)] = bytes([ACT]) * (eot + len(self.end_of_turn) - start)
-
-    def _apply_template(self, messages: list[dict], tools: Any = None, add_generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(
-            [_clean_message(m) for m in messages],
-            tools=tools,
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-        )
+        unparsed_as = "act" if self.on_malformed == "act" else None
+        return self.renderer.render(messages, tools, style=self.style, unparsed_as=unparsed_as)
 
     # ------------------------------------------------------------------ generated completions
     def completion_kinds(self, completion_ids: list[int]) -> list[int]:
@@ -365,59 +293,6 @@ def _concatenate_cached_teacher(encoded: list[EncodedTrajectory]) -> dict[str, t
         "teacher_topk_logprobs": torch.tensor([v for c in columns for v in c["teacher_topk_logprobs"]]),
         "teacher_tail_logprob": torch.tensor([v for c in columns for v in c["teacher_tail_logprob"]]),
     }
-
-
-def find_end_of_turn(tokenizer: PreTrainedTokenizerBase) -> str | None:
-    """The special token the chat template writes right after an assistant message's content, if any.
-
-    Training needs it (stopping is an action) and generation stops on it (a chat model's eos is often another
-    token, e.g. Qwen's `<|endoftext|>` against `<|im_end|>`).
-    """
-    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
-    try:
-        rendered = tokenizer.apply_chat_template(probe, tokenize=False)
-    except Exception as error:  # a template that rejects the probe gets no end-of-turn training
-        logger.warning("Could not probe the chat template's end-of-turn marker: %s", error)
-        return None
-    position = rendered.find(_PROBE)
-    if position < 0:
-        logger.warning("The chat template does not render assistant content verbatim; no end-of-turn is trained.")
-        return None
-    after = rendered[position + len(_PROBE) :]
-    special = set(tokenizer.all_special_tokens) | {token.content for token in tokenizer.added_tokens_decoder.values()}
-    ids = tokenizer(after, add_special_tokens=False)["input_ids"]
-    first = tokenizer.convert_ids_to_tokens(ids[:1])
-    if first and first[0] in special:
-        return first[0]
-    logger.warning("The chat template writes no special token after an assistant turn; none will be trained.")
-    return None
-
-
-def _clean_message(message: dict) -> dict:
-    """Drop keys a `datasets` row fills with None (e.g. `tool_calls`), which some templates would still render."""
-    return {key: value for key, value in message.items() if value is not None}
-
-
-def _find_content(text: str, content: str, cursor: int) -> tuple[int, bool]:
-    """Position of `content` at or after `cursor`, trying it verbatim first and then stripped (`| trim`)."""
-    if not content:
-        return cursor, False
-    position = text.find(content, cursor)
-    if position >= 0:
-        return position, False
-    stripped = content.strip()
-    return (text.find(stripped, cursor), True) if stripped else (cursor, True)
-
-
-def _paint(char_kinds: bytearray, spans: list[Span], offset: int, clip: tuple[int, int] | None = None) -> None:
-    low, high = clip if clip is not None else (0, len(char_kinds))
-    for span in spans:
-        code = _KIND_CODES.get(span.kind)
-        if code is None:
-            continue
-        start, end = max(span.start + offset, low), min(span.end + offset, high)
-        if end > start:
-            char_kinds[start:end] = bytes([code]) * (end - start)
 
 
 def _token_kinds(text: str, char_kinds: bytearray, offsets: np.ndarray) -> np.ndarray:

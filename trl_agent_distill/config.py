@@ -72,6 +72,15 @@ class AgentDistillConfig(GKDConfig):
             "choices": list(ON_MALFORMED),
         },
     )
+    use_training_chat_template: bool = field(
+        default=True,
+        metadata={
+            "help": "Locate assistant turns in chat rows with TRL's training chat template for the tokenizer's "
+            "template where TRL has one (`trl.get_training_chat_template`: prefix-preserving, reasoning kept in "
+            "every turn, `{% generation %}` markers), or with the template's own generation markers. Other templates, "
+            "or False, render with the tokenizer's own template and locate each turn from its rendering."
+        },
+    )
     loss_implementation: str = field(
         default="chunked",
         metadata={

@@ -4,7 +4,11 @@ Structured Agent Distillation weighs the distillation loss separately on an agen
 and on its actions ("Action: Search[...]", code, the final answer), and trains neither on observations nor on the
 prompt. This module finds those regions with simple line-based rules per trajectory format: ReAct (HotPotQA,
 WebShop), ALFWorld and smolagents CodeAct. It works on characters, not tokens, so the rules do not depend on a
-tokenizer or a chat template; the collator maps the spans onto tokens through the offset mapping.
+tokenizer or a chat template; `chat_template` paints them onto the rendered conversation as one code per character
+(`UNTRAINED`, `REASON`, `ACT`) and the collator maps those onto tokens through the offset mapping.
+
+An assistant's reasoning is REASON wherever it is written: a leading `<think>...</think>` block in its content (Qwen3,
+SmolLM3, DeepSeek-R1), a reasoning field (`reasoning_content`, `thinking`), or prose before its first step marker.
 
 Malformed input raises `TrajectoryFormatError`, which says where (row, message) and what was expected, so one bad
 row in a large dataset can be found and fixed (or skipped) instead of silently training on the wrong tokens.
@@ -19,10 +23,20 @@ from dataclasses import dataclass
 SPAN_KINDS = ("reason", "act", "obs", "other")
 STYLES = ("auto", "react", "alfworld", "codeact", "none")
 ROLES = ("system", "user", "assistant", "tool", "observation", "ipython")
+# The names chat templates read an assistant's reasoning from (transformers fills each from the others).
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+# Per-character codes of a rendered row: what the loss sees. Observations and "other" text are untrained.
+UNTRAINED, REASON, ACT = 0, 1, 2
+_KIND_CODES = {"reason": REASON, "act": ACT}
 
 # Only the assistant's own text is segmented; every other role is one span of a fixed kind.
 _ROLE_KINDS = {"system": "other", "user": "other", "tool": "obs", "observation": "obs", "ipython": "obs"}
 _STEP_KINDS = ("reason", "act")
+
+# Everything up to the first `</think>` is reasoning, with or without its `<think>` (DeepSeek-R1's generation prompt
+# already holds it), as the Qwen3 and DeepSeek templates split it.
+_THINK_BLOCK = re.compile(r"(?:[^<]|<(?!/think>))*</think>")
 _CONVERTER_HINT = "for smolagents rows use trl_agent_distill.data.from_smolagents_log"
 
 # ReAct (HotPotQA / WebShop): `Thought 3:`, `Action:`, `Observation 2:` at a line start, step numbers optional.
@@ -157,7 +171,7 @@ def segment_text(text: str, style: str = "auto", *, role: str | None = None) -> 
     spans = _segment(text, resolved, assistant=assistant)
     if not _has_step(spans):
         raise TrajectoryFormatError(f"{_no_step_reason(resolved, assistant)}; the text reads {_preview(text)}")
-    return spans
+    return _reason_before_first_step(text, spans) if assistant else spans
 
 
 def segment_messages(messages: list[dict], style: str = "auto", *, unparsed_as: str | None = None) -> list[list[Span]]:
@@ -189,6 +203,34 @@ def segment_messages(messages: list[dict], style: str = "auto", *, unparsed_as: 
     return spans
 
 
+def think_block_end(content: str) -> int:
+    """Where the `<think>...</think>` block an assistant's content opens with ends (0 when it has none)."""
+    block = _THINK_BLOCK.match(content)
+    return block.end() if block else 0
+
+
+def reasoning_field(message: Mapping) -> str | None:
+    """The message's reasoning (`reasoning_content`, `thinking` or `reasoning`), as chat templates read it."""
+    return next((message[name] for name in REASONING_FIELDS if message.get(name) is not None), None)
+
+
+def reasoning_kind(style: str) -> str:
+    """The span kind of reasoning: REASON, except with style `none`, where every trained token is one kind."""
+    return "act" if style == "none" else "reason"
+
+
+def paint_spans(char_kinds: bytearray, spans: list[Span], offset: int, clip: tuple[int, int] | None = None) -> None:
+    """Write the code of each REASON / ACT span at `offset` into `char_kinds`, inside `clip` (other kinds: left)."""
+    low, high = clip if clip is not None else (0, len(char_kinds))
+    for span in spans:
+        code = _KIND_CODES.get(span.kind)
+        if code is None:
+            continue
+        start, end = max(span.start + offset, low), min(span.end + offset, high)
+        if end > start:
+            char_kinds[start:end] = bytes([code]) * (end - start)
+
+
 # ---------------------------------------------------------------------------------------------- conversations
 def _check_conversation(messages: object) -> None:
     if not isinstance(messages, (list, tuple)):
@@ -214,30 +256,40 @@ def _check_message(message: object, index: int) -> None:
     role = message.get("role")
     if role not in ROLES:
         raise TrajectoryFormatError(_unknown_role_reason(role), message_index=index)
-    content = message.get("content")
-    if content is not None and not isinstance(content, str):
-        raise TrajectoryFormatError(
-            f"content is a {type(content).__name__}, not a string; flatten it to a string first "
-            f"({_CONVERTER_HINT})",
-            message_index=index,
-        )
+    for field in ("content", *REASONING_FIELDS):
+        value = message.get(field)
+        if value is not None and not isinstance(value, str):
+            raise TrajectoryFormatError(
+                f"{field} is a {type(value).__name__}, not a string; flatten it to a string first "
+                f"({_CONVERTER_HINT})",
+                message_index=index,
+            )
 
 
 def _conversation_style(messages: list[dict], style: str) -> str | None:
     """The style for every assistant message; None when none could be detected and no message needs one."""
     if style != "auto":
         return style
-    contents = [m["content"] for m in messages if m["role"] == "assistant" and m.get("content")]
+    answers = {
+        index: _answer(message["content"])
+        for index, message in enumerate(messages)
+        if message["role"] == "assistant" and message.get("content")
+    }
     try:
-        return detect_style("\n".join(contents))
+        return detect_style("\n".join(answer for answer in answers.values() if answer))
     except TrajectoryFormatError:
         pass
     # Free text next to structured tool_calls needs no style (it is reasoning); any other assistant text does.
-    for index, message in enumerate(messages):
-        if message["role"] == "assistant" and message.get("content") and not message.get("tool_calls"):
-            reason = f"{_NO_STYLE_REASON}; the message reads {_preview(message['content'])}"
+    for index, answer in answers.items():
+        if answer.strip() and not messages[index].get("tool_calls"):
+            reason = f"{_NO_STYLE_REASON}; the message reads {_preview(answer)}"
             raise NoAgentMarkersError(reason, message_index=index)
     return None
+
+
+def _answer(content: str) -> str:
+    """An assistant's content after its think block: what its step markers are looked for in."""
+    return content[think_block_end(content) :]
 
 
 def _segment_message(message: dict, index: int, style: str | None) -> list[Span]:
@@ -247,12 +299,19 @@ def _segment_message(message: dict, index: int, style: str | None) -> list[Span]
         if role != "assistant":
             return segment_text(content, role=role)
         if not content:
-            return []  # a tool_calls-only turn: the collator trains the rendered call itself
+            return []  # a tool_calls-only turn: the chat template renders the call itself
+        think_end = think_block_end(content) if style != "none" else 0
+        answer = content[think_end:]
+        if think_end and not answer.strip():
+            return [Span("reason", 0, len(content))]  # a turn that only thinks
         if not message.get("tool_calls"):
-            return segment_text(content, style or "auto", role="assistant")
-        spans = _segment(content, style, assistant=True) if style else []
-        # Free text before a structured call (no Thought:/Action: marker) is the agent thinking aloud.
-        return spans if _has_step(spans) else [Span("reason", 0, len(content))]
+            spans = segment_text(answer, style or "auto", role="assistant")
+        else:
+            spans = _segment(answer, style, assistant=True) if style else []
+            # Free text before a structured call (no Thought:/Action: marker) is the agent thinking aloud.
+            spans = _reason_before_first_step(answer, spans) if _has_step(spans) else [Span("reason", 0, len(answer))]
+        shifted = [Span(span.kind, span.start + think_end, span.end + think_end) for span in spans]
+        return _merged([Span("reason", 0, think_end)] + shifted if think_end else shifted)
     except TrajectoryFormatError as error:
         raise error.with_message(index) from None
 
@@ -287,20 +346,36 @@ def _token_level_transcript(text: str) -> list[Span]:
 
 def _spans_from_cuts(cuts: list[tuple[int, str]], length: int) -> list[Span]:
     """Turn non-decreasing `(offset, kind)` boundaries, the first at 0, into contiguous non-empty spans."""
-    spans: list[Span] = []
     ends = [offset for offset, _ in cuts[1:]] + [length]
-    for (start, kind), end in zip(cuts, ends):
-        if end <= start:
-            continue
-        if spans and spans[-1].kind == kind:
-            spans[-1] = Span(kind, spans[-1].start, end)
-        else:
-            spans.append(Span(kind, start, end))
-    return spans
+    return _merged([Span(kind, start, end) for (start, kind), end in zip(cuts, ends) if end > start])
 
 
 def _has_step(spans: list[Span]) -> bool:
     return any(span.kind in _STEP_KINDS for span in spans)
+
+
+def _reason_before_first_step(text: str, spans: list[Span]) -> list[Span]:
+    """An assistant's prose before its first step marker is its reasoning (in a transcript it is the prompt).
+
+    Blank space there goes with the step it leads to. Checked after `_has_step`, so a style that finds no marker
+    at all still fails instead of passing as prose.
+    """
+    first = spans[0]
+    if first.kind != "other" or len(spans) == 1:
+        return spans
+    kind = "reason" if text[first.start : first.end].strip() else spans[1].kind
+    return _merged([Span(kind, first.start, first.end), *spans[1:]])
+
+
+def _merged(spans: list[Span]) -> list[Span]:
+    """Contiguous spans with neighbours of one kind joined."""
+    merged: list[Span] = []
+    for span in spans:
+        if merged and merged[-1].kind == span.kind:
+            merged[-1] = Span(span.kind, merged[-1].start, span.end)
+        else:
+            merged.append(span)
+    return merged
 
 
 # ---------------------------------------------------------------------------------------------- react

@@ -129,6 +129,7 @@ class AgentDistillTrainer(GKDTrainer):
                 style=args.segmentation_style,
                 on_malformed=args.on_malformed,
                 truncation_mode=args.truncation_mode,
+                use_training_chat_template=args.use_training_chat_template,
             )
         self.encoding_reports: dict[str, EncodingReport] = {}
         if isinstance(data_collator, AgentTrajectoryCollator):
@@ -304,7 +305,8 @@ class AgentDistillTrainer(GKDTrainer):
             self.accelerator.wait_for_everyone()
         style = args.segmentation_style if args.segmentation_style != "auto" else args.rollout_agent
         self._rollout_collator = AgentTrajectoryCollator(
-            self.processing_class, max_length=args.max_length, style=style, on_malformed="act"
+            self.processing_class, max_length=args.max_length, style=style, on_malformed="act",
+            use_training_chat_template=args.use_training_chat_template,
         )
         return AgentRollouts(args.rollout_task_config(toy_world_dir), self.processing_class,
                              seed=args.seed + self.accelerator.process_index)

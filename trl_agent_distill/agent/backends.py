@@ -97,11 +97,11 @@ class TransformersBackend(GenerationBackend):
 
     Requests with equal sampling settings and stop strings share a `generate` call (at most `batch_size` prompts,
     each with `n` samples), so per-episode settings cost one call per distinct setting, not one per episode.
-    Generation ends at the tokenizer's eos or the chat template's end-of-turn token, or at a stop string.
+    Generation ends at the tokenizer's eos or one of the chat template's end-of-turn tokens, or at a stop string.
     """
 
     def __init__(self, model, tokenizer, *, batch_size: int = 16):
-        from ..collator import find_end_of_turn
+        from ..chat_template import end_of_turn_tokens
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -113,7 +113,7 @@ class TransformersBackend(GenerationBackend):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        end_tokens = {tokenizer.eos_token, find_end_of_turn(tokenizer)} - {None}
+        end_tokens = {tokenizer.eos_token, *end_of_turn_tokens(tokenizer)} - {None}
         self.end_token_ids = sorted(tokenizer.convert_tokens_to_ids(token) for token in end_tokens)
         if not self.end_token_ids:
             raise ValueError("The tokenizer has no eos token and its chat template no end-of-turn token; set one.")
