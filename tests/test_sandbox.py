@@ -661,36 +661,75 @@ def test_slow_tool_counts_towards_timeout():
 # ----------------------------------------------------------------------------------------------------------------
 _FAKE_WORKER = """
 import os, pickle, socket, struct, sys
+sys.path.insert(0, {agent_dir!r})
+import _sandbox_protocol as protocol
 sock = socket.socket(fileno=int(sys.argv[1]))
+key, sent, received = b"", 0, 0
 
 def recv():
+    global received
     size = struct.unpack("!I", sock.recv(4, socket.MSG_WAITALL))[0]
-    return pickle.loads(sock.recv(size, socket.MSG_WAITALL))
+    received += 1
+    return protocol.open_frame(sock.recv(size, socket.MSG_WAITALL), key, received - 1)
 
-def send_raw(data):
-    sock.sendall(struct.pack("!I", len(data)) + data)
+def sealed(payload, seq, key=None):
+    tag = protocol.mac(key if key is not None else globals()["key"], seq, payload)
+    return struct.pack("!I", protocol.MAC_BYTES + len(payload)) + tag + payload
 
-recv()
+def send_raw(payload):  # the worker is compromised: it authenticates whatever payload it likes
+    global sent
+    sock.sendall(sealed(payload, sent))
+    sent += 1
+
+def result(**fields):
+    plain = dict(printed="", value="1", error=None, final=False, final_value=None, final_is_repr=False,
+                 stray_threads=False)
+    plain.update(fields)
+    return plain
+
+key = recv()[1]["key"]
 send_raw(pickle.dumps(("ready", {{"pid": os.getpid(), "protections": {{}}}})))
 while True:
     message = recv()
     {behaviour}
 """
 
+# What a worker can send in place of an answer; the host must answer each with an error observation.
 _EVIL = {
     # a pickle that would run a command when loaded with the ordinary unpickler
     "evil_pickle": "send_raw(pickle.dumps(('result', os.system)))",
     "evil_reduce": ("class E:\n        def __reduce__(self):\n            return (os.system, ('touch {marker}',))\n"
                     "    send_raw(pickle.dumps(('result', E())))"),
     "oversized": "sock.sendall(struct.pack('!I', 2**31))",
+    "undersized": "sock.sendall(struct.pack('!I', 3) + b'abc')",
     "garbage": "send_raw(b'not a pickle at all')",
+    "truncated_pickle": "send_raw(pickle.dumps(('result', result()))[:-5])",
     "fd_spam": ("fds = [os.open('/dev/null', os.O_RDONLY) for _ in range(8)]\n"
                 "    socket.send_fds(sock, [struct.pack('!I', 3)], fds)\n    sock.sendall(b'xyz')"),
     "fake_fork": ("data = pickle.dumps(('forked', {{}}))\n    a, b = socket.socketpair()\n"
-                  "    socket.send_fds(sock, [struct.pack('!I', len(data)) + data], [a.fileno()])\n"
+                  "    socket.send_fds(sock, [sealed(data, sent)], [a.fileno()])\n"
                   "    data = pickle.dumps(('hello', {{'pid': {victim}, 'protections': {{}}}}))\n"
-                  "    b.sendall(struct.pack('!I', len(data)) + data)"),
+                  "    b.sendall(sealed(data, 0))"),
     "silent": "pass",
+    # frames that code in the worker can write without the key: forged, or a stale frame replayed
+    "forged_result": "sock.sendall(sealed(pickle.dumps(('result', result(value='FORGED-VALUE'))), sent, key=b''))",
+    "replayed_frame": "sock.sendall(sealed(pickle.dumps(('result', result(value='STALE-VALUE'))), sent - 1))",
+    # pathological plain data: shared, deep, huge numbers, values whose comparison raises
+    "shared_list": "send_raw(pickle.dumps(('result', result(final=True, final_value=[[0] * 1000] * 1000))))",
+    "deep_nesting": "send_raw(b'\\x80\\x05' + b']' * 200000 + b'a' * 199999 + b'.')",
+    "cyclic_list": "x = []\n    x.append(x)\n    send_raw(pickle.dumps(('result', result(final=True, final_value=x))))",
+    "huge_int": "send_raw(pickle.dumps(('result', result(final=True, final_value=10 ** 100000))))",
+    "signalling_nan": ("from decimal import Decimal\n"
+                       "    send_raw(pickle.dumps(('result', result(final=True, final_value=Decimal('sNaN')))))"),
+    "huge_exponent": ("from decimal import Decimal\n"
+                      "    send_raw(pickle.dumps(('result', result(final=True, final_value=Decimal('1e999999999')))))"),
+    "many_items": "send_raw(pickle.dumps(('result', result(final=True, final_value=list(range(2 * 10**6))))))",
+    "huge_text": "send_raw(pickle.dumps(('result', result(printed='x' * 30_000_000))))",
+    "unhashable_key": "send_raw(b'\\x80\\x05}}]\\x88s.')",
+    "malformed_result": "send_raw(pickle.dumps(('result', {{'printed': 1}})))",
+    "wrong_kind": "send_raw(pickle.dumps(('hello', {{}})))",
+    # a run that leaves a thread behind: the interpreter ends with the run
+    "stray_threads": "send_raw(pickle.dumps(('result', result(stray_threads=True))))",
 }
 
 
@@ -701,7 +740,8 @@ def test_compromised_worker_cannot_harm_parent(behaviour, tmp_path, marker, monk
     victim = subprocess.Popen(["sleep", "60"])  # an unrelated process the fake worker claims to be its fork
     try:
         script = tmp_path / "fake_worker.py"
-        script.write_text(_FAKE_WORKER.format(behaviour=_EVIL[behaviour].format(marker=marker, victim=victim.pid)))
+        script.write_text(_FAKE_WORKER.format(agent_dir=str(Path(sandbox_module.__file__).parent),
+                                              behaviour=_EVIL[behaviour].format(marker=marker, victim=victim.pid)))
         monkeypatch.setattr(sandbox_module, "_WORKER_SCRIPT", script)
         fds_before = len(os.listdir("/proc/self/fd"))
         with PythonSandbox(timeout=TIMEOUT) as sb:
@@ -714,6 +754,11 @@ def test_compromised_worker_cannot_harm_parent(behaviour, tmp_path, marker, monk
                 obs = sb.run("1")
                 assert obs.error and time.monotonic() - start < TIMEOUT + MARGIN
                 assert obs.timed_out == (behaviour == "silent")
+                assert "FORGED-VALUE" not in obs.text and "STALE-VALUE" not in obs.text and len(obs.text) < 1000
+                str(obs), repr(obs), pickle.dumps(obs)  # everything the host holds is bounded plain data
+                assert sb._worker is None  # never trusted again
+                if behaviour == "stray_threads":
+                    assert "left threads running" in obs.text
         assert not marker.exists()
         assert victim.poll() is None  # never signalled
         assert len(os.listdir("/proc/self/fd")) <= fds_before

@@ -17,6 +17,7 @@ The parent kills the worker on timeout; the worker exits by itself when the pare
 
 from __future__ import annotations
 
+import _thread
 import ast
 import gc
 import importlib.util
@@ -99,14 +100,18 @@ def _truncate(text: str, limit: int) -> str:
 
 
 class _Channel:
-    def __init__(self, sock: socket.socket, protocol: Any):
+    """The worker's end of its channel: authenticated frames (see ``_sandbox_protocol``), one counter each way."""
+
+    def __init__(self, sock: socket.socket, protocol: Any, key: bytes = b""):
         self.sock = sock
         self.protocol = protocol
+        self.key = key
+        self.sent = self.received = 0
 
     def send(self, obj: Any, fds: tuple[int, ...] = ()) -> None:
-        self.send_frame(self.protocol.frame(obj), fds)
-
-    def send_frame(self, data: bytes, fds: tuple[int, ...] = ()) -> None:
+        """Send one message; NotPlainData (nothing sent) if it is too large."""
+        data = self.protocol.frame(obj, self.key, self.sent)
+        self.sent += 1
         if fds:  # the descriptors travel with the first byte of the frame
             socket.send_fds(self.sock, [data[:1]], list(fds))
             data = data[1:]
@@ -114,9 +119,9 @@ class _Channel:
 
     def recv(self) -> Any:
         (size,) = self.protocol.HEADER.unpack(self._exact(self.protocol.HEADER.size))
-        if size > self.protocol.MAX_FRAME_BYTES:
-            raise self.protocol.ProtocolError("oversized frame")
-        return self.protocol.loads(self._exact(size))
+        self.protocol.check_size(size)
+        self.received += 1
+        return self.protocol.open_frame(self._exact(size), self.key, self.received - 1)
 
     def _exact(self, n: int) -> bytes:
         buf = bytearray(n)
@@ -174,6 +179,7 @@ def main() -> None:  # noqa: C901 - one linear setup, then the request loop
     try:
         kind, cfg = chan.recv()
         assert kind == "config"
+        chan.key = cfg.pop("key")  # from now on every frame is authenticated; sandboxed code never sees the key
         # ------------------------------------------------------------------ environment & OS layer
         sys.path[:] = list(cfg["sys_path"])
         sys.dont_write_bytecode = True
@@ -221,12 +227,10 @@ def main() -> None:  # noqa: C901 - one linear setup, then the request loop
         def make_tool(name: str) -> Any:
             def tool(*args: Any, **kwargs: Any) -> Any:
                 try:
-                    plain_args, plain_kwargs = protocol.to_plain(args), protocol.to_plain(kwargs)
-                    data = protocol.frame(("tool", name, plain_args, plain_kwargs))  # also checks the size
+                    chan.send(("tool", name, protocol.to_plain(args), protocol.to_plain(kwargs)))
                 except protocol.NotPlainData as exc:
                     raise TypeError(f"Arguments of tool '{name}' must be plain data (str, numbers, lists, dicts, "
                                     f"...): {exc}") from None
-                chan.send_frame(data)
                 reply = chan.recv()
                 if not (isinstance(reply, tuple) and len(reply) >= 3 and reply[0] == "tool_result"):
                     os._exit(4)  # desynchronised channel: let the parent restart us
@@ -268,6 +272,7 @@ def main() -> None:  # noqa: C901 - one linear setup, then the request loop
                 if pid == 0:
                     parent_end.close()
                     old, chan.sock = chan.sock, child_end
+                    chan.sent = chan.received = 0  # a new channel: its frames are counted from zero
                     old.close()
                     # The copy's directory is a sibling under the same Landlock root. Its Landlock domain
                     # is not narrowed to it: a copy of a copy would then be locked out of its own directory.
@@ -360,7 +365,9 @@ def main() -> None:  # noqa: C901 - one linear setup, then the request loop
     def finish(error: str | None, value_text: str | None) -> dict:
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
         result = {"printed": capture.text(), "value": value_text, "error": error, "final": state.final_called,
-                  "final_value": None, "final_is_repr": False}
+                  "final_value": None, "final_is_repr": False,
+                  # a thread outliving its run could act in later runs: the host ends this interpreter
+                  "stray_threads": _thread._count() > 0}
         if state.final_called:
             final = state.final_value
             state.final_value = None
@@ -392,7 +399,7 @@ def main() -> None:  # noqa: C901 - one linear setup, then the request loop
             except MemoryError:
                 state.reserve = None
                 reply = ("result", {"printed": "", "value": None, "error": "MemoryError", "final": False,
-                                    "final_value": None, "final_is_repr": False})
+                                    "final_value": None, "final_is_repr": False, "stray_threads": False})
             chan.send(reply)
             if state.reserve is None:
                 try:

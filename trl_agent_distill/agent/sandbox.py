@@ -114,6 +114,7 @@ _UID_RANGE = (1 << 30, (1 << 31) - 2)  # unprivileged uids for workers started b
 _STARTUP_TIMEOUT = 60.0  # generous: a loaded CI machine can take seconds to start an interpreter
 _MAX_OUTPUT_CHARS = 10_000_000
 _FORK_TIMEOUT = 10.0
+_CLIP_NOTE_CHARS = 1000  # the note the worker puts where it cut a long text, with room to spare
 
 
 class SandboxError(RuntimeError):
@@ -150,8 +151,10 @@ class _Channel:
 
     _FD_SPACE = socket.CMSG_SPACE(8 * array.array("i").itemsize)
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, key: bytes = b""):
         self.sock = sock
+        self.key = key
+        self._sent = self._received = 0
         self._buffer = bytearray()
         self._fds: list[int] = []
 
@@ -160,7 +163,8 @@ class _Channel:
         self.sock.close()
 
     def send(self, obj: Any, deadline: float) -> None:
-        view = memoryview(protocol.frame(obj))
+        view = memoryview(protocol.frame(obj, self.key, self._sent))
+        self._sent += 1
         while view:
             self.sock.settimeout(self._remaining(deadline))
             try:
@@ -172,12 +176,12 @@ class _Channel:
     def recv(self, deadline: float) -> tuple[Any, list[int]]:
         """One message and the file descriptors that arrived with it (the caller owns them)."""
         (size,) = protocol.HEADER.unpack(self._read(protocol.HEADER.size, deadline))
-        if size > protocol.MAX_FRAME_BYTES:
-            raise protocol.ProtocolError(f"oversized frame ({size} bytes)")
-        payload = self._read(size, deadline)
+        protocol.check_size(size)
+        body = self._read(size, deadline)
         fds, self._fds = self._fds, []
+        self._received += 1
         try:
-            return protocol.loads(payload), fds
+            return protocol.open_frame(body, self.key, self._received - 1), fds
         except BaseException:
             _close_fds(fds)
             raise
@@ -565,8 +569,10 @@ class PythonSandbox:
                     if isinstance(message, tuple) and len(message) == 4 and message[0] == "tool":
                         worker.chan.send(self._call_tool(*message[1:]), deadline)
                     elif isinstance(message, tuple) and len(message) == 2 and message[0] == "result":
-                        observation = self._observation(message[1])
+                        observation, stray_threads = self._observation(message[1])
                         finished = True
+                        if stray_threads:
+                            self._discard_worker()
                         return observation
                     else:
                         raise protocol.ProtocolError("unexpected message")
@@ -580,7 +586,7 @@ class PythonSandbox:
             except (EOFError, OSError, protocol.ProtocolError) as exc:
                 finished = True
                 if isinstance(exc, protocol.ProtocolError):
-                    reason = "it sent an invalid message"
+                    reason = f"it sent an invalid message: {str(exc)[:200]}"
                 else:
                     reason = worker.death_reason()
                 self._discard_worker()
@@ -692,7 +698,9 @@ class PythonSandbox:
         worker = _Worker(_Channel(parent_sock), popen.pid, popen.pid, popen=popen)
         try:
             deadline = time.monotonic() + max(_STARTUP_TIMEOUT, self._timeout)
-            worker.chan.send(("config", self._config()), deadline)
+            key = protocol.new_key()
+            worker.chan.send(("config", {**self._config(), "key": key}), deadline)
+            worker.chan.key = key
             message, fds = worker.chan.recv(deadline)
             _close_fds(fds)
             if isinstance(message, tuple) and len(message) == 2 and message[0] == "init_error":
@@ -722,7 +730,8 @@ class PythonSandbox:
             message, fds = worker.chan.recv(deadline)
             if message != ("forked", {}) or len(fds) != 1:
                 raise protocol.ProtocolError("bad fork reply")
-            chan = _Channel(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=fds.pop()))
+            # the copy is a fork of our worker: it holds the same key, on a channel of its own
+            chan = _Channel(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=fds.pop()), worker.chan.key)
             hello, extra = chan.recv(deadline)
             _close_fds(extra)
             if not (isinstance(hello, tuple) and len(hello) == 2 and hello[0] == "hello" and isinstance(hello[1], dict)
@@ -770,9 +779,8 @@ class PythonSandbox:
         except Exception as exc:  # noqa: BLE001 - a failing tool is the code's problem, not the parent's
             return ("tool_result", False, "RuntimeError", f"Tool '{name}' failed with {type(exc).__name__}: {exc}")
         try:
-            plain = protocol.to_plain(result)
-            reply = ("tool_result", True, plain)
-            protocol.frame(reply)
+            reply = ("tool_result", True, protocol.to_plain(result))
+            protocol.frame(reply, b"", 0)  # refuses what the worker could not read back
             return reply
         except protocol.NotPlainData:
             text = str(result)
@@ -780,23 +788,31 @@ class PythonSandbox:
                 text = text[: protocol.MAX_FRAME_BYTES // 8]
             return ("tool_result", True, text)
 
-    def _observation(self, payload: Any) -> Observation:
+    def _observation(self, payload: Any) -> tuple[Observation, bool]:
         if not isinstance(payload, dict):
             raise protocol.ProtocolError("result is not a dict")
         printed, value, error = payload.get("printed"), payload.get("value"), payload.get("error")
         final, final_is_repr = payload.get("final"), payload.get("final_is_repr")
+        stray_threads = payload.get("stray_threads")
         optional_str = (str, type(None))
         if not (isinstance(printed, str) and isinstance(value, optional_str) and isinstance(error, optional_str)
-                and type(final) is bool and type(final_is_repr) is bool and (value is not None or error is not None)):
+                and type(final) is bool and type(final_is_repr) is bool and type(stray_threads) is bool
+                and (value is not None or error is not None)):
             raise protocol.ProtocolError("malformed result")
-        printed, value, error = _clean_text(printed), _clean_text(value), _clean_text(error)
         final_value = payload.get("final_value") if final else None
+        longest = self._max_output_chars + _CLIP_NOTE_CHARS  # what the worker's truncation can produce
+        if any(isinstance(text, str) and len(text) > longest for text in (printed, value, error, final_value)):
+            raise protocol.ProtocolError("result text longer than max_output_chars")
+        printed, value, error = _clean_text(printed), _clean_text(value), _clean_text(error)
         if isinstance(final_value, str):
             final_value = _clean_text(final_value)
         logs = f"Execution logs:\n{printed}" + ("" if not printed or printed.endswith("\n") else "\n")
+        if stray_threads:
+            error = (f"{error}\n" if error is not None else "") + (
+                "The code left threads running; the interpreter was restarted and its variables are lost.")
         if error is not None:
             text = (logs if printed else "") + f"Error:\n{error}"
         else:
             text = f"{logs}Last output from code snippet:\n{value}"
         return Observation(text=text, error=error is not None, final_answer=final_value, has_final_answer=final,
-                           printed=printed)
+                           printed=printed), stray_threads
