@@ -571,6 +571,98 @@ def test_fork_isolation_both_ways(sandbox):
         child.close()
 
 
+def test_fork_cannot_write_the_originals_files_through_inherited_descriptors(sandbox):
+    sandbox.run("log = open('log.txt', 'w')\nlog.write('parent;')\nlog.flush()\nreader = open('log.txt')")
+    child, sibling = sandbox.fork(), sandbox.fork()
+    try:
+        assert not child.run("log.write('child;')\nlog.flush()").error
+        assert not sibling.run("log.write('sibling;')\nlog.flush()").error
+        # each copy wrote into its own copy of the file, at the offset the original had reached
+        assert (sandbox.workdir / "log.txt").read_text() == "parent;"
+        assert (child.workdir / "log.txt").read_text() == "parent;child;"
+        assert (sibling.workdir / "log.txt").read_text() == "parent;sibling;"
+        assert child.run("reader.read()").text.endswith("\nparent;child;")
+        assert not sandbox.run("log.write('more;')\nlog.flush()").error
+        assert (child.workdir / "log.txt").read_text() == "parent;child;"
+        # homes nest (Landlock can only narrow what a fork inherits) but no copy's directory holds another's
+        for a, b in [(sandbox, child), (child, sibling), (sandbox, sibling)]:
+            assert not a.workdir.is_relative_to(b.workdir) and not b.workdir.is_relative_to(a.workdir)
+    finally:
+        child.close()
+        sibling.close()
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or sys.platform != "linux", reason="seccomp filter is x86-64 only")
+def test_os_layer_alone_confines_a_fork_to_its_own_home(tmp_path):
+    """A compromised copy (language layer bypassed) cannot write its original's or its siblings' files."""
+    agent_dir = Path(__file__).resolve().parents[1] / "trl_agent_distill" / "agent"
+    home = tmp_path / "h0"
+    for path in (home / "work", home / "h1" / "work", home / "h2" / "work"):
+        path.mkdir(parents=True)
+    script = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(agent_dir)!r})
+        import _sandbox_os as o
+        home = {str(home)!r}
+        reads = [sys.prefix, sys.base_prefix, "/usr/lib", "/lib", "/dev/null"]
+        assert o.landlock_restrict([home], reads), "no Landlock"
+        o.install_seccomp()
+        log = open(home + "/work/log.txt", "w")
+        log.write("parent;")
+        log.flush()
+        open(home + "/h2/work/sibling.txt", "w").write("sibling;")
+        # what the host does before forking: copy the working directory into the copy's home
+        open(home + "/h1/work/log.txt", "w").write("parent;")
+        pid = os.fork()
+        if pid == 0:
+            results = {{"moved": o.rebind_descriptors(home + "/work", home + "/h1/work", keep=(), max_fd=256)}}
+            results["landlock"] = o.landlock_restrict([home + "/h1"], reads)
+            log.write("child;")
+            log.flush()
+            for name, path in [("parent", home + "/work/log.txt"), ("sibling", home + "/h2/work/sibling.txt"),
+                               ("new_in_parent", home + "/work/new.txt"), ("own", home + "/h1/work/own.txt")]:
+                try:
+                    open(path, "a").write("x")
+                    results[name] = "allowed"
+                except OSError as e:
+                    results[name] = type(e).__name__
+            print(results, flush=True)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    if "no Landlock" in out.stderr:
+        pytest.skip("Landlock is not available")
+    assert out.returncode == 0, out.stderr
+    results = eval(out.stdout)  # noqa: S307 - our own subprocess's repr of a dict of str/int
+    assert results["landlock"] and results["moved"] >= 1
+    assert results["parent"] == results["sibling"] == results["new_in_parent"] == "PermissionError"
+    assert results["own"] == "allowed"
+    assert (home / "work" / "log.txt").read_text() == "parent;"
+    assert (home / "h1" / "work" / "log.txt").read_text() == "parent;child;"
+    assert (home / "h2" / "work" / "sibling.txt").read_text() == "sibling;"
+
+
+def test_disk_quota_ends_the_run_and_bounds_forks():
+    with PythonSandbox(timeout=20, disk_quota_mb=2) as sb:
+        sb.run("x = 1")
+        start = time.monotonic()
+        obs = sb.run("for i in range(8):\n    open(f'f{i}', 'wb').write(bytes(512 * 1024))\nwhile True:\n    pass")
+        assert obs.error and not obs.timed_out and "disk quota (2 MB" in obs.text
+        assert time.monotonic() - start < 10  # ended when the quota was passed, not at the timeout
+        assert list(sb.workdir.iterdir()) == []  # the run's files are gone, the next run starts clean
+        assert "NameError" in sb.run("x").text
+        # a run that stays below the quota is fine, but its copy would not fit
+        assert not sb.run("open('big', 'wb').write(bytes(1536 * 1024))\nx = 2").error
+        with pytest.raises(SandboxError, match="disk quota"):
+            sb.fork()
+        assert sb.run("x").text.endswith("\n2")
+        # one file may not be larger than the quota either
+        assert sb.run("open('huge', 'wb').write(bytes(3 * 1024 * 1024))").error
+    with pytest.raises(ValueError, match="disk_quota_mb"):
+        PythonSandbox(disk_quota_mb=0)
+
+
 def test_fork_timeout_and_close_leave_the_other_intact():
     with PythonSandbox(timeout=TIMEOUT) as original:
         original.run("v = 'kept'")

@@ -9,8 +9,9 @@ audit hook, report ``ready``, then serve requests one at a time:
 
 * ``("run", code)`` -> runs the snippet, possibly calling back ``("tool", name, args, kwargs)`` and
   waiting for ``("tool_result", ...)``, and answers ``("result", {...})``;
-* ``("fork", workdir)`` -> ``os.fork()``; the child takes over a new socket pair whose other end is sent
-  to the parent with SCM_RIGHTS, moves to ``workdir`` and says ``("hello", ...)``.
+* ``("fork", (home, workdir))`` -> ``os.fork()``; the child takes over a new socket pair whose other end is
+  sent to the parent with SCM_RIGHTS, rebinds its inherited descriptors to its own copies of the files,
+  narrows Landlock to ``home``, moves to ``workdir`` and says ``("hello", ...)``.
 
 The parent kills the worker on timeout; the worker exits by itself when the parent's end closes.
 """
@@ -184,7 +185,7 @@ def main() -> None:  # noqa: C901 - one linear setup, then the request loop
         sys.path[:] = list(cfg["sys_path"])
         sys.dont_write_bytecode = True
         workdir = os.path.realpath(cfg["workdir"])
-        fs_root = os.path.realpath(cfg["fs_root"])
+        home = os.path.realpath(cfg["home"])  # the workdir and the directories of future copies
         os.chdir(workdir)
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writing past RLIMIT_FSIZE -> OSError, not death
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # forked copies are reaped automatically
@@ -197,7 +198,7 @@ def main() -> None:  # noqa: C901 - one linear setup, then the request loop
             limits.append("RLIMIT_NPROC")
         no_new_privs = oslayer.set_no_new_privs()
         oslayer.set_not_dumpable()  # after the uid change, which resets it
-        landlock = oslayer.landlock_restrict([fs_root], read_dirs + read_files)
+        landlock = oslayer.landlock_restrict([home], read_dirs + read_files)
         seccomp = oslayer.install_seccomp()
         protections = {"rlimits": limits, "uid": os.getuid(), "dropped_root": dropped_root,
                        "no_new_privs": no_new_privs, "landlock_abi": landlock, "seccomp": seccomp, "audit_hook": True}
@@ -263,7 +264,7 @@ def main() -> None:  # noqa: C901 - one linear setup, then the request loop
                 tb = tb.tb_next
             return lineno
 
-        def fork(new_workdir: str) -> bool:
+        def fork(new_home: str, new_workdir: str) -> bool:
             """Fork this interpreter; returns True in the child, which then serves the new channel."""
             gc.disable()  # no finalizer of sandboxed objects may run while privileged calls are allowed
             try:
@@ -274,8 +275,14 @@ def main() -> None:  # noqa: C901 - one linear setup, then the request loop
                     old, chan.sock = chan.sock, child_end
                     chan.sent = chan.received = 0  # a new channel: its frames are counted from zero
                     old.close()
-                    # The copy's directory is a sibling under the same Landlock root. Its Landlock domain
-                    # is not narrowed to it: a copy of a copy would then be locked out of its own directory.
+                    # The copy may write only under its own home (inside ours, which is how Landlock can
+                    # grant it): not our files, nor its siblings', not even through descriptors it inherited.
+                    oslayer.rebind_descriptors(state.workdir, new_workdir, keep=(child_end.fileno(),),
+                                               max_fd=int(cfg["max_open_files"]))
+                    if protections["landlock_abi"]:
+                        protections["landlock_abi"] = oslayer.landlock_restrict([new_home], read_dirs + read_files)
+                        if not protections["landlock_abi"]:
+                            os._exit(5)  # e.g. Landlock's 16 layers used up: no copy rather than a wider one
                     os.chdir(new_workdir)
                     state.workdir = os.path.realpath(new_workdir)
                     return True
@@ -406,8 +413,8 @@ def main() -> None:  # noqa: C901 - one linear setup, then the request loop
                     state.reserve = bytearray(_RESERVE_BYTES)
                 except MemoryError:
                     pass
-        elif message[0] == "fork" and isinstance(message[1], str):
-            if fork(message[1]):
+        elif message[0] == "fork" and isinstance(message[1], tuple) and len(message[1]) == 2:
+            if fork(*message[1]):
                 chan.send(("hello", {"pid": os.getpid(), "protections": protections}))
         else:
             os._exit(3)

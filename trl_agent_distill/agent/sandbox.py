@@ -114,7 +114,9 @@ _UID_RANGE = (1 << 30, (1 << 31) - 2)  # unprivileged uids for workers started b
 _STARTUP_TIMEOUT = 60.0  # generous: a loaded CI machine can take seconds to start an interpreter
 _MAX_OUTPUT_CHARS = 10_000_000
 _FORK_TIMEOUT = 10.0
-_CLIP_NOTE_CHARS = 1000  # the note the worker puts where it cut a long text, with room to spare
+_CLIP_NOTE_CHARS = 1000
+_MAX_ENTRIES = 100_000  # files and directories per lineage, counted with the disk quota
+_QUOTA_POLL = 0.25  # seconds between disk-usage checks while a run is going  # the note the worker puts where it cut a long text, with room to spare
 
 
 class SandboxError(RuntimeError):
@@ -140,6 +142,10 @@ class Observation:
 
 
 class _Timeout(Exception):
+    pass
+
+
+class _QuotaExceeded(Exception):
     pass
 
 
@@ -173,11 +179,12 @@ class _Channel:
                 raise _Timeout from None
             view = view[sent:]
 
-    def recv(self, deadline: float) -> tuple[Any, list[int]]:
-        """One message and the file descriptors that arrived with it (the caller owns them)."""
-        (size,) = protocol.HEADER.unpack(self._read(protocol.HEADER.size, deadline))
+    def recv(self, deadline: float, watch: Callable[[], None] | None = None) -> tuple[Any, list[int]]:
+        """One message and the file descriptors that arrived with it (the caller owns them); while waiting,
+        ``watch`` is called every ``_QUOTA_POLL`` seconds (it raises to stop waiting)."""
+        (size,) = protocol.HEADER.unpack(self._read(protocol.HEADER.size, deadline, watch))
         protocol.check_size(size)
-        body = self._read(size, deadline)
+        body = self._read(size, deadline, watch)
         fds, self._fds = self._fds, []
         self._received += 1
         try:
@@ -186,14 +193,18 @@ class _Channel:
             _close_fds(fds)
             raise
 
-    def _read(self, n: int, deadline: float) -> bytes:
+    def _read(self, n: int, deadline: float, watch: Callable[[], None] | None = None) -> bytes:
         while len(self._buffer) < n:
-            self.sock.settimeout(self._remaining(deadline))
+            remaining = self._remaining(deadline)
+            self.sock.settimeout(remaining if watch is None else min(remaining, _QUOTA_POLL))
             try:
                 data, ancdata, _flags, _addr = self.sock.recvmsg(max(65536, min(n - len(self._buffer), 1 << 22)),
                                                                  self._FD_SPACE, socket.MSG_CMSG_CLOEXEC)
             except socket.timeout:
-                raise _Timeout from None
+                if watch is None or time.monotonic() >= deadline:
+                    raise _Timeout from None
+                watch()
+                continue
             for level, kind, cdata in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     fds = array.array("i")
@@ -375,20 +386,32 @@ class _Worker:
 
 
 class _Lineage:
-    """The temporary directory shared by a sandbox and its forks; each gets a subdirectory as workdir."""
+    """The temporary directory of a sandbox and its forks, and the disk quota they share.
 
-    def __init__(self) -> None:
+    Each sandbox has a home directory holding its working directory (``work``) and the homes of its forks:
+    a fork's home lies inside its original's because Landlock can only narrow what a forked process
+    inherits. The worker may write only under its home (Landlock) and only in ``work`` (language layer).
+    """
+
+    def __init__(self, quota_bytes: int) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="tad-sandbox-"))
+        self.quota_bytes = quota_bytes
         self._lock = threading.Lock()
         self._refs = 0
         self._counter = itertools.count()
 
-    def new_workdir(self) -> Path:
+    def new_home(self, parent: Path | None = None) -> Path:
         with self._lock:
             self._refs += 1
-            path = self.root / f"w{next(self._counter)}"
-        path.mkdir(mode=0o700)
-        return path
+            home = (parent or self.root) / f"h{next(self._counter)}"
+        home.mkdir(mode=0o700)
+        (home / "work").mkdir(mode=0o700)
+        return home
+
+    def over_quota(self, adding: int = 0) -> bool:
+        """Whether the lineage's files (plus ``adding`` bytes) exceed the quota."""
+        used, entries = _disk_usage(self.root, self.quota_bytes)
+        return used + adding > self.quota_bytes or entries > _MAX_ENTRIES
 
     def release(self) -> None:
         with self._lock:
@@ -398,10 +421,51 @@ class _Lineage:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _copy_regular(src: str, dst: str) -> None:
-    # Only regular files: a FIFO or device in the working directory must not block or leak the copy.
-    if stat.S_ISREG(os.lstat(src).st_mode):
-        shutil.copy2(src, dst)
+def _disk_usage(path: Path, stop_above: int) -> tuple[int, int]:
+    """(bytes, entries) of the files under ``path``, counting stops once either passes its bound."""
+    used = entries = 0
+    pending = [str(path)]
+    while pending and used <= stop_above and entries <= _MAX_ENTRIES:
+        try:
+            scan = os.scandir(pending.pop())
+        except OSError:
+            continue
+        with scan:
+            for entry in scan:
+                entries += 1
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(entry.path)
+                    else:
+                        used += entry.stat(follow_symlinks=False).st_size
+                except OSError:
+                    pass
+    return used, entries
+
+
+def _copy_tree(src: Path, dst: Path, budget: int) -> None:
+    """Copy the regular files, directories and symlinks of ``src`` into ``dst``, at most ``budget`` bytes."""
+    left = [budget]
+
+    def copy_regular(source: str, target: str) -> None:
+        # Only regular files (a FIFO or device must not block or leak the copy), read without following
+        # symlinks, and never more than measured before: the worker might still be writing.
+        try:
+            fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return
+        with open(fd, "rb") as reader:
+            if not stat.S_ISREG(os.fstat(reader.fileno()).st_mode):
+                return
+            with open(target, "wb") as writer:
+                while chunk := reader.read(1 << 20):
+                    left[0] -= len(chunk)
+                    if left[0] < 0:
+                        raise SandboxError("the working directory grew while it was being copied")
+                    writer.write(chunk)
+        shutil.copymode(source, target)
+
+    shutil.copytree(src, dst, symlinks=True, dirs_exist_ok=True, copy_function=copy_regular)
 
 
 def _clear_dir(path: Path) -> None:
@@ -480,11 +544,15 @@ class PythonSandbox:
         cpu_time_limit: CPU seconds one ``run`` may use (default: ``timeout`` rounded up, plus 1).
         allowed_imports: importable top-level modules; their public submodules are importable too.
         max_output_chars: printed output and values longer than this are cut in the middle, with a note.
+        disk_quota_mb: total size of the files of this sandbox and its forks; a run that goes past it ends with
+            an error observation (the sandbox restarts with an empty working directory), and a fork whose copy
+            would go past it raises :class:`SandboxError`.
     """
 
     def __init__(self, tools: dict[str, Callable[..., Any]] | None = None, *, timeout: float = 10.0,
                  memory_limit_mb: int = 1024, cpu_time_limit: float | None = None,
-                 allowed_imports: Iterable[str] = DEFAULT_ALLOWED_IMPORTS, max_output_chars: int = 20_000):
+                 allowed_imports: Iterable[str] = DEFAULT_ALLOWED_IMPORTS, max_output_chars: int = 20_000,
+                 disk_quota_mb: int = 256):
         tools = dict(tools or {})
         for name, fn in tools.items():
             if not (isinstance(name, str) and name.isidentifier() and not keyword.iskeyword(name)):
@@ -503,6 +571,8 @@ class PythonSandbox:
             raise ValueError("cpu_time_limit must be a positive number of seconds")
         if not (isinstance(max_output_chars, int) and 1 <= max_output_chars <= _MAX_OUTPUT_CHARS):
             raise ValueError(f"max_output_chars must be an int between 1 and {_MAX_OUTPUT_CHARS}")
+        if not (isinstance(disk_quota_mb, int) and disk_quota_mb >= 1):
+            raise ValueError("disk_quota_mb must be an int >= 1")
         if isinstance(allowed_imports, str):
             raise TypeError("allowed_imports must be an iterable of module names, not a string")
         allowed = tuple(dict.fromkeys(allowed_imports))
@@ -510,7 +580,7 @@ class PythonSandbox:
             if not (isinstance(name, str) and all(p.isidentifier() for p in name.split("."))):
                 raise ValueError(f"invalid module name in allowed_imports: {name!r}")
         self._setup(tools, float(timeout), memory_limit_mb, int(math.ceil(cpu_time_limit)), allowed,
-                    max_output_chars, _Lineage())
+                    max_output_chars, _Lineage(disk_quota_mb * 1024 * 1024))
         try:
             self._worker = self._spawn_worker()
         except BaseException:
@@ -518,7 +588,8 @@ class PythonSandbox:
             raise
 
     def _setup(self, tools: dict, timeout: float, memory_limit_mb: int, cpu_time_limit: int,
-               allowed: tuple[str, ...], max_output_chars: int, lineage: _Lineage) -> None:
+               allowed: tuple[str, ...], max_output_chars: int, lineage: _Lineage,
+               parent_home: Path | None = None) -> None:
         self._closed = True  # until fully set up, close() has nothing to undo
         self._tools = tools
         self._signatures: dict[str, inspect.Signature | None] = {}
@@ -531,7 +602,8 @@ class PythonSandbox:
         self._worker: _Worker | None = None
         self._lineage = lineage
         self._owner = os.getpid()
-        self.workdir: Path = lineage.new_workdir()
+        self._home = lineage.new_home(parent_home)
+        self.workdir: Path = self._home / "work"
         self._closed = False
         _live.add(self)
 
@@ -564,18 +636,28 @@ class PythonSandbox:
                 deadline = time.monotonic() + self._timeout
                 worker.chan.send(("run", code), deadline)
                 while True:
-                    message, fds = worker.chan.recv(deadline)
+                    message, fds = worker.chan.recv(deadline, watch=self._check_quota)
                     _close_fds(fds)
                     if isinstance(message, tuple) and len(message) == 4 and message[0] == "tool":
                         worker.chan.send(self._call_tool(*message[1:]), deadline)
                     elif isinstance(message, tuple) and len(message) == 2 and message[0] == "result":
                         observation, stray_threads = self._observation(message[1])
+                        self._check_quota()
                         finished = True
                         if stray_threads:
                             self._discard_worker()
                         return observation
                     else:
                         raise protocol.ProtocolError("unexpected message")
+            except _QuotaExceeded:
+                finished = True
+                self._discard_worker()
+                _clear_dir(self.workdir)
+                return Observation(
+                    text=(f"Error:\nThe files written exceed the disk quota ({self._lineage.quota_bytes // 2**20} MB "
+                          f"or {_MAX_ENTRIES:,} files for this sandbox and its copies); the interpreter was "
+                          "restarted and its variables and files are lost."),
+                    error=True)
             except _Timeout:
                 finished = True
                 self._discard_worker()
@@ -602,14 +684,17 @@ class PythonSandbox:
         """An independent copy of this sandbox: same variables and imports, files copied, its own worker."""
         with self._lock:
             self._check_open()
+            size, _entries = _disk_usage(self.workdir, self._lineage.quota_bytes)
+            if self._lineage.over_quota(adding=size):
+                raise SandboxError(f"cannot fork: copying the working directory ({size / 2**20:.1f} MB) would exceed "
+                                   f"the disk quota of {self._lineage.quota_bytes // 2**20} MB")
             child = object.__new__(PythonSandbox)
             child._setup(self._tools, self._timeout, self._memory_limit_mb, self._cpu_time_limit, self._allowed,
-                         self._max_output_chars, self._lineage)
+                         self._max_output_chars, self._lineage, parent_home=self._home)
             try:
-                shutil.copytree(self.workdir, child.workdir, symlinks=True, dirs_exist_ok=True,
-                                copy_function=_copy_regular)
+                _copy_tree(self.workdir, child.workdir, budget=size)
                 if self._worker is not None and self._worker.alive():
-                    child._worker = self._fork_worker(child.workdir)
+                    child._worker = self._fork_worker(child._home, child.workdir)
             except BaseException:
                 child.close()
                 raise
@@ -639,6 +724,10 @@ class PythonSandbox:
                 return  # a copy inherited by a forked process: the worker and files belong to the original
             self._discard_worker()
             shutil.rmtree(self.workdir, ignore_errors=True)
+            try:
+                self._home.rmdir()  # unless forks still live in it (the lineage's last close removes them)
+            except OSError:
+                pass
             self._lineage.release()
             _live.discard(self)
 
@@ -659,6 +748,10 @@ class PythonSandbox:
         return f"<PythonSandbox {state} timeout={self._timeout:g}s>"
 
     # -- internals -----------------------------------------------------------------------------------------------
+    def _check_quota(self) -> None:
+        if self._lineage.over_quota():
+            raise _QuotaExceeded
+
     def _check_open(self) -> None:
         if self._closed:
             raise SandboxError("this sandbox is closed")
@@ -672,10 +765,10 @@ class PythonSandbox:
 
     def _config(self) -> dict[str, Any]:
         return {
-            "workdir": str(self.workdir), "fs_root": str(self._lineage.root), "sys_path": _worker_sys_path(),
+            "workdir": str(self.workdir), "home": str(self._home), "sys_path": _worker_sys_path(),
             "allowed_imports": list(self._allowed), "memory_limit_mb": self._memory_limit_mb,
             "cpu_time_limit": self._cpu_time_limit, "max_output_chars": self._max_output_chars,
-            "tools": sorted(self._tools), "max_file_bytes": _MAX_FILE_BYTES, "max_open_files": _MAX_OPEN_FILES,
+            "tools": sorted(self._tools), "max_file_bytes": min(_MAX_FILE_BYTES, self._lineage.quota_bytes), "max_open_files": _MAX_OPEN_FILES,
             "max_processes": _MAX_PROCESSES, "uid": secrets.randbelow(_UID_RANGE[1] - _UID_RANGE[0]) + _UID_RANGE[0],
         }
 
@@ -718,15 +811,16 @@ class PythonSandbox:
             worker.kill()
             raise
 
-    def _fork_worker(self, workdir: Path) -> _Worker | None:
-        """Ask our worker to fork a copy serving ``workdir``; None (and our worker restarted) on failure."""
+    def _fork_worker(self, home: Path, workdir: Path) -> _Worker | None:
+        """Ask our worker to fork a copy confined to ``home``, serving ``workdir``; None (and our worker
+        restarted) on failure."""
         worker = self._worker
         assert worker is not None
         deadline = time.monotonic() + max(_FORK_TIMEOUT, self._timeout)
         fds: list[int] = []
         chan: _Channel | None = None
         try:
-            worker.chan.send(("fork", str(workdir)), deadline)
+            worker.chan.send(("fork", (str(home), str(workdir))), deadline)
             message, fds = worker.chan.recv(deadline)
             if message != ("forked", {}) or len(fds) != 1:
                 raise protocol.ProtocolError("bad fork reply")
