@@ -355,9 +355,9 @@ ATTACKS = {
                              "'/etc/passwd' is not allowed"),
     "numpy_memmap": ("import numpy as np\nnp.memmap('m', mode='w+', shape=(2,))", "numpy.memmap"),
     "numpy_object_array_over_bytes": ("import numpy as np\nnp.ndarray((1,), dtype=object, buffer=bytearray(8))",
-                                      "object dtype is not allowed"),
+                                      "object items over a raw buffer"),
     "numpy_object_array_via_type": ("import numpy as np\ntype(np.zeros(1))((1,), dtype=object, "
-                                    "buffer=bytearray(b'\\x08' * 8))", "object dtype is not allowed"),
+                                    "buffer=bytearray(b'\\x08' * 8))", "object items over a raw buffer"),
     "numpy_recarray_over_bytes": ("import numpy as np\nnp.recarray((1,), dtype=[('a', 'O')], buf=bytearray(8))",
                                   "'numpy.recarray' is not available"),
     "numpy_rec_fromstring": ("import numpy as np\nnp.rec.fromstring(b'\\x08' * 8, dtype=[('a', 'O')])",
@@ -384,6 +384,35 @@ ATTACKS = {
     "sympy_get_class": ("from sympy.utilities.source import get_class", "sympy.utilities.source"),
     "sympy_autowrap": ("from sympy.utilities.autowrap import autowrap", "sympy.utilities.autowrap"),
     "sympy_init_session": ("import sympy\nsympy.init_session()", "init_session"),
+    # A library function that assigns into its caller's globals (sympy.var), called by the policy on the code's
+    # behalf (keys() of a **mapping, a property read by getattr), would replace the policy's check_attribute.
+    "policy_frame_via_mapping_keys": (
+        "import functools, sympy\nclass E(sympy.Symbol):\n    def __call__(self, name, store=False):\n"
+        "        return name\nclass M:\n    keys = functools.partial(sympy.var, 'check_attribute', cls=E)\n"
+        "try:\n    dict(**M())\nexcept Exception:\n    pass\ngetattr(type, '__glo' + 'bals__')['os']",
+        "'__globals__' is not allowed"),
+    "policy_frame_via_property": (
+        "import functools, sympy\nclass E(sympy.Symbol):\n    def __call__(self, name, store=False):\n"
+        "        return name\nclass N(str):\n    x = property(functools.partial(sympy.var, cls=E))\n"
+        "try:\n    getattr(N('check_attribute'), 'x')\nexcept Exception:\n    pass\n"
+        "getattr(type, '__glo' + 'bals__')['os']", "'__globals__' is not allowed"),
+    # string annotations evaluated by the standard library (functools.singledispatch -> typing.get_type_hints)
+    "annotation_string": (
+        "import functools\n@functools.singledispatch\ndef f(x):\n    return 0\n"
+        "s = \"[c for c in ().__class__.__base__.__subclasses__() if c.__name__ == '_wrap_close'][0]"
+        ".__init__.__globals__['getcwd']()\"\n@f.register\ndef _(x: s):\n    return 1",
+        "string annotations must be type expressions"),
+    "annotation_string_in_generic_alias": (
+        "import functools\n@functools.singledispatch\ndef f(x):\n    return 0\n"
+        "s = '().__class__.__base__'\n@f.register\ndef _(x: list[s]):\n    return 1",
+        "'__base__' is not allowed"),
+    # a generic alias of a guarded class, and the class of a library result: guarded by what they build
+    "numpy_generic_alias": ("import numpy.typing as npt\nnpt.NDArray(1, dtype=object, buffer=bytes(8))",
+                            "object items over a raw buffer"),
+    "numpy_type_of_library_result": (
+        "import numpy as np\nfrom numpy.lib import recfunctions as rfn\n"
+        "r = rfn.rec_append_fields(np.zeros(1, dtype=[('a', int)]), 'b', np.zeros(1))\n"
+        "type(r)((1,), dtype=[('p', object)], buf=bytes(8))", "object items over a raw buffer"),
 }
 
 
@@ -661,6 +690,17 @@ def test_disk_quota_ends_the_run_and_bounds_forks():
         assert sb.run("open('huge', 'wb').write(bytes(3 * 1024 * 1024))").error
     with pytest.raises(ValueError, match="disk_quota_mb"):
         PythonSandbox(disk_quota_mb=0)
+
+
+def test_language_layer_keeps_ordinary_annotations_and_arrays_working(sandbox):
+    obs = sandbox.run(
+        "import functools\nimport numpy as np\n@functools.singledispatch\ndef f(x):\n    return 'any'\n"
+        "@f.register\ndef _(x: 'int'):\n    return 'int'\n@f.register\ndef _(x: list):\n    return 'list'\n"
+        "class Node:\n    parent: 'Node | None' = None\n    children: list['Node'] = []\n"
+        "a = np.ndarray((2,), dtype=np.int64, buffer=np.arange(2))\no = np.array([None, 1], dtype=object)\n"
+        "v = type(o)((2,), dtype=object, buffer=None)\n"
+        "f(1), f([1]), f('x'), a.tolist(), isinstance(a, np.ndarray), type(a) is np.ndarray, v.shape")
+    assert obs.text.endswith("\n('int', 'list', 'any', [0, 1], True, True, (2,))"), obs.text
 
 
 def test_fork_timeout_and_close_leave_the_other_intact():

@@ -62,7 +62,7 @@ class _Capture(io.TextIOBase):
         return False
 
     def write(self, s: Any) -> int:
-        if not isinstance(s, str):
+        if not issubclass(type(s), str):
             raise TypeError(f"write() argument must be str, not {type(s).__name__}")
         s = str.__str__(s)
         n = len(s)
@@ -304,9 +304,11 @@ def main() -> None:  # noqa: C901 - one linear setup, then the request loop
         os._exit(1)
 
     # ---------------------------------------------------------------------- running snippets
+    # str() / repr() of the code's objects run code of its choosing: through the policy's isolated helper, so
+    # that nothing it picks runs with this module's frame as its caller.
     def render(value: Any) -> str:
         try:
-            text = str(value)
+            text = policy.call_isolated(str, value)
         except BaseException as exc:  # noqa: BLE001 - any failure of user __str__ becomes a placeholder
             text = f"<unprintable {type(value).__name__} object: str() raised {type(exc).__name__}>"
         return _truncate(text, max_chars)
@@ -314,10 +316,10 @@ def main() -> None:  # noqa: C901 - one linear setup, then the request loop
     def format_error(exc: BaseException, lines: list[str], lineno: int | None = None) -> str:
         """``Type: message`` (just the message for sandbox refusals) and the user's line where it happened."""
         try:
-            message = str(exc)
+            message = policy.call_isolated(str, exc)
         except BaseException:  # noqa: BLE001
             message = "<exception message unavailable>"
-        if isinstance(exc, SyntaxError) and not getattr(type(exc), "sandbox_policy", False):
+        if type(exc) in (SyntaxError, IndentationError, TabError):  # the parser's (a subclass's fields run code)
             text = f"{type(exc).__name__}: {exc.msg} (line {exc.lineno})"
             if exc.text and len(exc.text.strip()) <= 200:
                 caret = " " * max(0, (exc.offset or 1) - 1 - (len(exc.text) - len(exc.text.lstrip())))
@@ -386,7 +388,7 @@ def main() -> None:  # noqa: C901 - one linear setup, then the request loop
                 result["final_value"] = plain
             except Exception:  # noqa: BLE001 - not plain data (or broken): fall back to its repr
                 try:
-                    result["final_value"] = _truncate(repr(final), max_chars)
+                    result["final_value"] = _truncate(policy.call_isolated(repr, final), max_chars)
                 except BaseException:  # noqa: BLE001
                     result["final_value"] = result["value"]
                 result["final_is_repr"] = True
