@@ -20,8 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from trl_agent_distill.agent import _sandbox_protocol as protocol
-from trl_agent_distill.agent.sandbox import DEFAULT_ALLOWED_IMPORTS, Observation, PythonSandbox, SandboxError
+from trl_agent_distill.agent.sandbox import protocol
+from trl_agent_distill.agent.sandbox import (
+    DEFAULT_ALLOWED_IMPORTS,
+    Observation,
+    PythonExecutor,
+    PythonSandbox,
+    SandboxError,
+    render_observation,
+)
 
 TIMEOUT = 2.0
 MARGIN = 3.0  # process start-up and teardown on a loaded 2-core machine
@@ -97,6 +104,24 @@ def assert_contained(sb: PythonSandbox, code: str, marker: Path, bystander: Pyth
 # ----------------------------------------------------------------------------------------------------------------
 # Basic behaviour and observation format
 # ----------------------------------------------------------------------------------------------------------------
+def test_the_sandbox_is_an_executor_with_structured_results(sandbox):
+    assert isinstance(sandbox, PythonExecutor)
+    obs = sandbox.run("print('hi')\n6 * 7")
+    assert (obs.printed, obs.value, obs.error_message, obs.error) == ("hi\n", "42", None, False)
+    assert obs.text == render_observation(obs.printed, obs.value, obs.error_message)
+    failed = sandbox.run("print('a')\n1 / 0")
+    assert failed.error and failed.value is None and failed.error_message.startswith("ZeroDivisionError")
+    assert failed.text == render_observation("a\n", None, failed.error_message)
+    final = sandbox.run("final_answer([1, 2])")
+    assert final.has_final_answer and final.final_answer == [1, 2] and final.value == "[1, 2]"
+    timed_out = PythonSandbox(timeout=0.5)
+    try:
+        obs = timed_out.run("while True:\n    pass")
+        assert obs.timed_out and obs.error_message.startswith("Execution timed out") and obs.text.startswith("Error:")
+    finally:
+        timed_out.close()
+
+
 def test_state_is_kept_between_runs(sandbox):
     assert not sandbox.run("x = 20\ndef double(v):\n    return 2 * v").error
     assert sandbox.run("double(x) + 2").text == "Execution logs:\nLast output from code snippet:\n42"
@@ -511,14 +536,14 @@ def test_no_process_escapes_the_session(sandbox):
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.mark.skipif(platform.machine() != "x86_64" or sys.platform != "linux", reason="seccomp filter is x86-64 only")
 def test_os_layer_alone_blocks_exec_network_signals_files_and_fork_bombs(tmp_path):
-    agent_dir = Path(__file__).resolve().parents[1] / "trl_agent_distill" / "agent"
+    agent_dir = Path(__file__).resolve().parents[1] / "trl_agent_distill" / "agent" / "sandbox"
     work = tmp_path / "box"
     work.mkdir()
     marker = tmp_path / "pwned"
     script = textwrap.dedent(f"""
         import os, socket, sys, time
         sys.path.insert(0, {str(agent_dir)!r})
-        import _sandbox_os as o
+        import os_layer as o
         results = {{"dropped_root": o.drop_root(1_234_567_890, 12)}}
         results["landlock"] = o.landlock_restrict([{str(work)!r}], [sys.prefix, sys.base_prefix, "/usr/lib", "/lib"])
         assert o.install_seccomp()
@@ -624,14 +649,14 @@ def test_fork_cannot_write_the_originals_files_through_inherited_descriptors(san
 @pytest.mark.skipif(platform.machine() != "x86_64" or sys.platform != "linux", reason="seccomp filter is x86-64 only")
 def test_os_layer_alone_confines_a_fork_to_its_own_home(tmp_path):
     """A compromised copy (language layer bypassed) cannot write its original's or its siblings' files."""
-    agent_dir = Path(__file__).resolve().parents[1] / "trl_agent_distill" / "agent"
+    agent_dir = Path(__file__).resolve().parents[1] / "trl_agent_distill" / "agent" / "sandbox"
     home = tmp_path / "h0"
     for path in (home / "work", home / "h1" / "work", home / "h2" / "work"):
         path.mkdir(parents=True)
     script = textwrap.dedent(f"""
         import os, sys
         sys.path.insert(0, {str(agent_dir)!r})
-        import _sandbox_os as o
+        import os_layer as o
         home = {str(home)!r}
         reads = [sys.prefix, sys.base_prefix, "/usr/lib", "/lib", "/dev/null"]
         assert o.landlock_restrict([home], reads), "no Landlock"
@@ -794,7 +819,7 @@ def test_slow_tool_counts_towards_timeout():
 _FAKE_WORKER = """
 import os, pickle, socket, struct, sys
 sys.path.insert(0, {agent_dir!r})
-import _sandbox_protocol as protocol
+import protocol
 sock = socket.socket(fileno=int(sys.argv[1]))
 key, sent, received = b"", 0, 0
 
@@ -867,7 +892,7 @@ _EVIL = {
 
 @pytest.mark.parametrize("behaviour", sorted(_EVIL))
 def test_compromised_worker_cannot_harm_parent(behaviour, tmp_path, marker, monkeypatch):
-    from trl_agent_distill.agent import sandbox as sandbox_module
+    from trl_agent_distill.agent.sandbox import host as sandbox_module
 
     victim = subprocess.Popen(["sleep", "60"])  # an unrelated process the fake worker claims to be its fork
     try:

@@ -1,77 +1,9 @@
-"""A Python executor for untrusted CodeAct steps, in the format of smolagents' observations.
+"""Host side of the sandbox: :class:`PythonSandbox` starts, feeds and supervises worker processes.
 
-``PythonSandbox`` runs the code a model writes (one ``run`` per agent step) in a separate worker
-interpreter that keeps its variables between steps, and returns an :class:`Observation` whose text is
-what smolagents shows the model::
-
-    Execution logs:
-    {printed output}
-    Last output from code snippet:
-    {value of the last expression, or of final_answer(x)}
-
-or ``Error:\\n{ExceptionType}: {message}`` (after the execution logs if something was printed).
-
-    with PythonSandbox(tools={"web_search": retriever.search}, timeout=10) as sandbox:
-        obs = sandbox.run("r = web_search(query='Velmora founding year')\\nprint(r)")
-        candidates = [sandbox.fork() for _ in range(8)]   # independent copies for self-consistency
-
-What it guarantees
-------------------
-The sandbox is *defence in depth around a separate process*, not a virtual machine. In this order:
-
-1. **Language layer** (always on). The snippet's AST is checked before it runs: no dunder names
-   (``__import__``, ``__builtins__``), no private or dunder attributes (``().__class__.__base__``,
-   ``f.__globals__``), no frame/generator/traceback internals (``gi_frame``, ``tb_frame``, ``f_globals``),
-   and class bodies may only define ordinary special methods. Builtins are reduced: ``__import__`` only
-   imports the allow-list (``allowed_imports`` and their public submodules) and hands out read-only
-   module views that hide private names, other modules, metaclasses and dangerous functions
-   (``numpy.ctypeslib``, ``numpy.lib.stride_tricks.as_strided``, ``sympy.preview`` ...);
-   ``getattr``/``setattr``/``vars``/``dir`` refuse names starting with ``_``; ``type()`` and
-   ``obj.__class__`` never return a metaclass; ``open`` only opens files inside the working directory;
-   ``exec``/``eval`` check their string like the snippet; ``compile``, ``breakpoint``, ``input`` are
-   refused. Routes by which numpy would trust a raw memory address or free memory still in use are
-   closed (``__array_interface__`` via any class factory or ``**kwargs``, object arrays over raw bytes,
-   ``resize(refcheck=False)``, record arrays), and sympy's string evaluation (``sympify``,
-   ``parse_expr``, ``lambdify``) goes through the same checks.
-2. **Audit hook** (always on, PEP 578, cannot be removed): what allowed *libraries* do on the code's
-   behalf is checked too: file writes outside the working directory and reads outside it and Python's
-   own files (``numpy.save('/tmp/x')``, ``numpy.loadtxt('/etc/passwd')``), processes, sockets, ctypes,
-   unpickling of classes (``numpy.load(..., allow_pickle=True)``), frame access, threads.
-3. **Operating system** (per kernel support; see :attr:`PythonSandbox.protections`): a fresh process per
-   sandbox with a minimal environment, its own session, stdin/stdout/stderr on /dev/null and a fresh
-   temporary working directory; RLIMIT_AS (``memory_limit_mb``), a per-run RLIMIT_CPU budget
-   (``cpu_time_limit``), RLIMIT_FSIZE (32 MiB per file), no core dumps; when started by root, the worker
-   runs as a fresh unprivileged uid (keeping only the file-access capabilities) with RLIMIT_NPROC 256
-   per sandbox and its copies; on x86-64 Linux a seccomp filter (no ``execve``, no sockets, no ptrace, no
-   signals to other processes, no new sessions, namespaces or mounts); with Landlock (Linux >= 5.13)
-   the file system is read-only outside the sandbox's directory and unreadable outside Python's
-   installation and system libraries, and TCP is refused.
-4. **Wall clock**: every ``run`` ends within ``timeout`` seconds (plus process start-up): on expiry the
-   worker is killed and a fresh interpreter serves the next run; processes left in a sandbox's session
-   are killed when the last sandbox of that lineage closes.
-
-The parent process is never harmed by what the code does: messages from the worker are length-capped
-and decoded as plain data only (no pickled classes), a dead or misbehaving worker is an error
-observation, and ``run`` only raises :class:`SandboxError` for misuse (e.g. running after ``close``).
-
-What it does not guarantee
---------------------------
-* It is not a VM or container. A memory-safety bug in CPython, numpy or sympy that sandboxed code can
-  reach (the language layer closes the routes we know of) or a kernel bug can give native code
-  execution inside the worker; what then still holds is the OS layer above, which depends on the
-  kernel (no seccomp off x86-64, no Landlock before Linux 5.13 or where disabled, no uid switch or
-  process cap unless the parent runs as root).
-* Without Landlock, code that escapes the language layer can read and write what the worker's user
-  can (the file-access capabilities are kept to preserve root's file semantics).
-* CPU and memory are limited per worker process; disk use per file (not in total).
-* A sandbox and its copies made by :meth:`PythonSandbox.fork` have sibling working directories under
-  one temporary directory; the language layer and the audit hook keep each copy to its own, the
-  Landlock rule covers the common parent. Open file objects held in variables at the time of a fork
-  are shared with the copy (same file and offset); reopen files after forking.
-* Compatibility costs of the language layer: no ``__getattr__``/``__del__`` in user classes, no
-  underscore attributes (``self._x``; namedtuple's ``_asdict`` & co. excepted), ``globals()`` is a
-  read-only snapshot, ``exec``/``eval`` without explicit globals run in the snippet's namespace,
-  ``numpy.ndarray`` cannot be subclassed, only math/numpy/sympy back-ends for ``lambdify``.
+The host trusts nothing a worker sends (see ``protocol``): frames are authenticated, decoded within bounds,
+checked field by field, and any violation, timeout, crash or passed disk quota becomes an error observation
+and a fresh interpreter. Workers, their sessions and directories are owned here: a sandbox and its forks
+form a *lineage* sharing one temporary directory and one disk quota.
 """
 
 from __future__ import annotations
@@ -95,18 +27,18 @@ import tempfile
 import threading
 import time
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from . import _sandbox_protocol as protocol
+from . import protocol
+from .executor import Observation, PythonExecutor
 
-__all__ = ["DEFAULT_ALLOWED_IMPORTS", "Observation", "PythonSandbox", "SandboxError"]
+__all__ = ["DEFAULT_ALLOWED_IMPORTS", "PythonSandbox", "SandboxError"]
 
 DEFAULT_ALLOWED_IMPORTS = ("math", "re", "json", "collections", "itertools", "functools", "statistics", "datetime",
                            "fractions", "decimal", "random", "numpy", "sympy")
 
-_WORKER_SCRIPT = Path(__file__).with_name("_sandbox_worker.py")
+_WORKER_SCRIPT = Path(__file__).with_name("worker.py")
 _MAX_FILE_BYTES = 32 * 1024 * 1024  # RLIMIT_FSIZE: largest file the code may write
 _MAX_OPEN_FILES = 256
 _MAX_PROCESSES = 256  # RLIMIT_NPROC of a worker session (threads included), when started by root
@@ -121,24 +53,6 @@ _QUOTA_POLL = 0.25  # seconds between disk-usage checks while a run is going  # 
 
 class SandboxError(RuntimeError):
     """Misuse of a sandbox (e.g. running code after ``close``) or a sandbox that cannot start at all."""
-
-
-@dataclass(frozen=True)
-class Observation:
-    """What one ``run`` produced."""
-
-    text: str
-    """The observation shown to the model, in smolagents' format."""
-    error: bool
-    """The code raised, was refused, timed out or crashed the worker."""
-    final_answer: Any = None
-    """The value passed to ``final_answer(x)`` as plain data (numpy values become Python numbers or lists;
-    anything else that is not plain data becomes its ``repr``)."""
-    has_final_answer: bool = False
-    """``final_answer`` was called (distinguishes ``final_answer(None)`` from no call)."""
-    printed: str = ""
-    """Captured stdout, truncated like in ``text``."""
-    timed_out: bool = False
 
 
 class _Timeout(Exception):
@@ -531,8 +445,8 @@ def _close_all() -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # The sandbox
 # ----------------------------------------------------------------------------------------------------------------
-class PythonSandbox:
-    """A persistent, isolated Python interpreter for CodeAct steps (see the module docstring).
+class PythonSandbox(PythonExecutor):
+    """A persistent, isolated Python interpreter for CodeAct steps (threat model: the package docstring).
 
     Args:
         tools: functions living in *this* process, callable from the sandbox under the same names. Arguments
@@ -629,7 +543,7 @@ class PythonSandbox:
                 try:
                     self._worker = self._spawn_worker()
                 except SandboxError as exc:
-                    return Observation(text=f"Error:\nThe Python interpreter could not be started: {exc}", error=True)
+                    return Observation.from_parts(error_message=f"The Python interpreter could not be started: {exc}")
             worker = self._worker
             finished = False
             try:
@@ -653,18 +567,16 @@ class PythonSandbox:
                 finished = True
                 self._discard_worker()
                 _clear_dir(self.workdir)
-                return Observation(
-                    text=(f"Error:\nThe files written exceed the disk quota ({self._lineage.quota_bytes // 2**20} MB "
-                          f"or {_MAX_ENTRIES:,} files for this sandbox and its copies); the interpreter was "
-                          "restarted and its variables and files are lost."),
-                    error=True)
+                return Observation.from_parts(error_message=(
+                    f"The files written exceed the disk quota ({self._lineage.quota_bytes // 2**20} MB or "
+                    f"{_MAX_ENTRIES:,} files for this sandbox and its copies); the interpreter was restarted and "
+                    "its variables and files are lost."))
             except _Timeout:
                 finished = True
                 self._discard_worker()
-                return Observation(
-                    text=(f"Error:\nExecution timed out after {self._timeout:g} s; the interpreter was restarted "
-                          "and its variables are lost."),
-                    error=True, timed_out=True)
+                return Observation.from_parts(error_message=(
+                    f"Execution timed out after {self._timeout:g} s; the interpreter was restarted and its "
+                    "variables are lost."), timed_out=True)
             except (EOFError, OSError, protocol.ProtocolError) as exc:
                 finished = True
                 if isinstance(exc, protocol.ProtocolError):
@@ -672,10 +584,9 @@ class PythonSandbox:
                 else:
                     reason = worker.death_reason()
                 self._discard_worker()
-                return Observation(
-                    text=(f"Error:\nThe interpreter crashed ({reason}) while running this code; it was restarted "
-                          "and its variables are lost."),
-                    error=True)
+                return Observation.from_parts(error_message=(
+                    f"The interpreter crashed ({reason}) while running this code; it was restarted and its "
+                    "variables are lost."))
             finally:
                 if not finished:  # e.g. KeyboardInterrupt in the parent: the channel is out of step now
                     self._discard_worker()
@@ -733,9 +644,6 @@ class PythonSandbox:
 
     def __enter__(self) -> "PythonSandbox":
         return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.close()
 
     def __del__(self) -> None:
         try:
@@ -900,13 +808,8 @@ class PythonSandbox:
         printed, value, error = _clean_text(printed), _clean_text(value), _clean_text(error)
         if isinstance(final_value, str):
             final_value = _clean_text(final_value)
-        logs = f"Execution logs:\n{printed}" + ("" if not printed or printed.endswith("\n") else "\n")
         if stray_threads:
             error = (f"{error}\n" if error is not None else "") + (
                 "The code left threads running; the interpreter was restarted and its variables are lost.")
-        if error is not None:
-            text = (logs if printed else "") + f"Error:\n{error}"
-        else:
-            text = f"{logs}Last output from code snippet:\n{value}"
-        return Observation(text=text, error=error is not None, final_answer=final_value, has_final_answer=final,
-                           printed=printed), stray_threads
+        return Observation.from_parts(printed=printed, value=value, error_message=error, final_answer=final_value,
+                                      has_final_answer=final), stray_threads
