@@ -697,6 +697,23 @@ def test_os_layer_alone_confines_a_fork_to_its_own_home(tmp_path):
     assert (home / "h2" / "work" / "sibling.txt").read_text() == "sibling;"
 
 
+def test_forks_nest_as_deep_as_landlock_allows_and_then_refuse_cleanly():
+    sandboxes = [PythonSandbox(timeout=30)]
+    try:
+        sandboxes[0].run("x = 0")
+        if not sandboxes[0].protections.get("landlock_abi"):
+            pytest.skip("Landlock is not available")
+        for depth in range(1, 16):  # each copy stacks one more Landlock layer (the kernel allows 16)
+            sandboxes.append(sandboxes[-1].fork())
+            assert sandboxes[-1].run(f"x += 1\nx").text.endswith(f"\n{depth}")
+        with pytest.raises(SandboxError, match="nest at most 15"):
+            sandboxes[-1].fork()
+        assert sandboxes[-1].run("x").text.endswith("\n15")  # the refused fork left the deepest copy intact
+    finally:
+        for sb in reversed(sandboxes):
+            sb.close()
+
+
 def test_disk_quota_ends_the_run_and_bounds_forks():
     with PythonSandbox(timeout=20, disk_quota_mb=2) as sb:
         sb.run("x = 1")

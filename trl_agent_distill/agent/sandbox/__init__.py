@@ -44,8 +44,8 @@ it later); read Python's installation and system libraries; send the host well-f
 its choosing for its own runs (tool calls included: tools run in the host with plain-data arguments). It
 **cannot** (where the kernel offers the layer): start programs, open sockets, signal or trace other
 processes, write outside its home or read outside the allowed directories, write its original's or siblings'
-files, exceed the disk quota for longer than a quota check (0.25 s), or make the host run, print or decode
-unbounded data. Without Landlock (kernel before 5.13) an escaped worker can read and write whatever its uid
+files, keep more than the disk quota past the next check (every 0.25 s while a run waits, and before each run
+and fork), or make the host run, print or decode unbounded data. Without Landlock (kernel before 5.13) an escaped worker can read and write whatever its uid
 can; without root there is no uid switch or process cap; off x86-64 there is no seccomp filter.
 """
 

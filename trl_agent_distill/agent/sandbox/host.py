@@ -48,7 +48,8 @@ _MAX_OUTPUT_CHARS = 10_000_000
 _FORK_TIMEOUT = 10.0
 _CLIP_NOTE_CHARS = 1000
 _MAX_ENTRIES = 100_000  # files and directories per lineage, counted with the disk quota
-_QUOTA_POLL = 0.25  # seconds between disk-usage checks while a run is going  # the note the worker puts where it cut a long text, with room to spare
+_QUOTA_POLL = 0.25  # seconds between disk-usage checks while a run is going
+_MAX_FORK_DEPTH = 15  # each fork adds a Landlock layer to its worker, and the kernel allows 16  # the note the worker puts where it cut a long text, with room to spare
 
 
 class SandboxError(RuntimeError):
@@ -503,7 +504,7 @@ class PythonSandbox(PythonExecutor):
 
     def _setup(self, tools: dict, timeout: float, memory_limit_mb: int, cpu_time_limit: int,
                allowed: tuple[str, ...], max_output_chars: int, lineage: _Lineage,
-               parent_home: Path | None = None) -> None:
+               parent_home: Path | None = None, depth: int = 0) -> None:
         self._closed = True  # until fully set up, close() has nothing to undo
         self._tools = tools
         self._signatures: dict[str, inspect.Signature | None] = {}
@@ -517,6 +518,7 @@ class PythonSandbox(PythonExecutor):
         self._lineage = lineage
         self._owner = os.getpid()
         self._home = lineage.new_home(parent_home)
+        self._depth = depth  # forks between this sandbox and the first of its lineage
         self.workdir: Path = self._home / "work"
         self._closed = False
         _live.add(self)
@@ -548,6 +550,7 @@ class PythonSandbox(PythonExecutor):
             finished = False
             try:
                 deadline = time.monotonic() + self._timeout
+                self._check_quota()  # also what a worker may have written between runs
                 worker.chan.send(("run", code), deadline)
                 while True:
                     message, fds = worker.chan.recv(deadline, watch=self._check_quota)
@@ -595,13 +598,15 @@ class PythonSandbox(PythonExecutor):
         """An independent copy of this sandbox: same variables and imports, files copied, its own worker."""
         with self._lock:
             self._check_open()
+            if self._depth >= _MAX_FORK_DEPTH and self.protections.get("landlock_abi"):
+                raise SandboxError(f"cannot fork: forks of forks nest at most {_MAX_FORK_DEPTH} deep under Landlock")
             size, _entries = _disk_usage(self.workdir, self._lineage.quota_bytes)
             if self._lineage.over_quota(adding=size):
                 raise SandboxError(f"cannot fork: copying the working directory ({size / 2**20:.1f} MB) would exceed "
                                    f"the disk quota of {self._lineage.quota_bytes // 2**20} MB")
             child = object.__new__(PythonSandbox)
             child._setup(self._tools, self._timeout, self._memory_limit_mb, self._cpu_time_limit, self._allowed,
-                         self._max_output_chars, self._lineage, parent_home=self._home)
+                         self._max_output_chars, self._lineage, parent_home=self._home, depth=self._depth + 1)
             try:
                 _copy_tree(self.workdir, child.workdir, budget=size)
                 if self._worker is not None and self._worker.alive():
