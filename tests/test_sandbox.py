@@ -122,6 +122,16 @@ def test_the_sandbox_is_an_executor_with_structured_results(sandbox):
         timed_out.close()
 
 
+def test_final_answers_the_host_would_refuse_come_back_as_their_repr(sandbox):
+    for code, start in [("final_answer(list(range(2_000_000)))", "[0, 1, 2"),  # more items than a frame may hold
+                        ("import decimal\nfinal_answer(decimal.Decimal('sNaN'))", "Decimal('sNaN')"),
+                        ("final_answer(2 ** 20_000)", "<unprintable int")]:
+        obs = sandbox.run(code)
+        assert not obs.error and obs.has_final_answer, obs.text
+        assert isinstance(obs.final_answer, str) and obs.final_answer.startswith(start)
+    assert sandbox.run("final_answer([1.5, (2, 'x')])").final_answer == [1.5, (2, "x")]
+
+
 def test_state_is_kept_between_runs(sandbox):
     assert not sandbox.run("x = 20\ndef double(v):\n    return 2 * v").error
     assert sandbox.run("double(x) + 2").text == "Execution logs:\nLast output from code snippet:\n42"

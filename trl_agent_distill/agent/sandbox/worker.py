@@ -377,7 +377,7 @@ class _Worker:
             try:
                 error = self._format_error(exc, lines)
             except BaseException:  # noqa: BLE001 - e.g. MemoryError while formatting
-                error = f"{type(exc).__name__} (details unavailable)"
+                error = _truncate(f"{type(exc).__name__} (details unavailable)", self.max_chars)
         return self._finish(error, value_text)
 
     def _finish(self, error: str | None, value_text: str | None) -> dict:
@@ -392,7 +392,7 @@ class _Worker:
             result["value"] = self._render(final)
             try:
                 plain = protocol.to_plain(final)
-                if len(protocol.dumps(plain)) > _MAX_FINAL_BYTES:
+                if len(protocol.frame(plain, b"", 0)) > _MAX_FINAL_BYTES:  # frame() also refuses what the host would
                     raise protocol.NotPlainData("too large")
                 result["final_value"] = plain
             except Exception:  # noqa: BLE001 - not plain data (or broken): fall back to its repr
