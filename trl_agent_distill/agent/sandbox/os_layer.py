@@ -17,7 +17,8 @@ mechanism is applied when the kernel offers it and reported otherwise, so that t
 * Landlock (Linux >= 5.13, used up to ABI 6): the file system becomes read-only except for the
   sandbox's directory, readable only where Python and its shared libraries live; TCP bind/connect is
   refused (ABI >= 4); signals and abstract Unix sockets cannot reach processes outside the sandbox
-  (ABI >= 6).
+  (ABI >= 6). Each fork stacks one more layer, narrowed to its own directory, and first rebinds the
+  descriptors it inherited (:func:`rebind_descriptors`), since Landlock checks paths when they are opened.
 
 Only the standard library is used (ctypes for the syscalls and prctl calls Python does not wrap).
 """

@@ -6,14 +6,16 @@ Three mechanisms, all inside the worker process:
    ``__builtins__`` ...), no private/dunder attributes except a few harmless ones (``__name__``,
    ``__init__`` ...), no frame/code/generator internals (``gi_frame``, ``tb_frame``, ``f_globals`` ...),
    no ``ctypes``/``cffi``/``mro`` attributes, and in class bodies only ordinary special methods (no
-   ``__getattr__``, ``__del__``, ``__reduce__``, ``__array_interface__`` ...). It then adds two runtime
-   guards: ``f(**d)`` checks the keys of ``d`` like written keywords, and ``x.__class__`` becomes the
+   ``__getattr__``, ``__del__``, ``__reduce__``, ``__array_interface__`` ...). It then adds three runtime
+   guards: ``f(**d)`` checks the keys of ``d`` like written keywords, ``x.__class__`` becomes the
    sandbox's ``type(x)``, which never returns a metaclass (metaclasses build classes with arbitrary
-   special attributes, e.g. an ``__array_interface__`` pointing anywhere in memory).
+   special attributes, e.g. an ``__array_interface__`` pointing anywhere in memory), and strings in
+   annotations must be type expressions (the standard library evaluates them itself).
 2. :func:`make_builtins` gives the code a reduced ``__builtins__``: ``__import__`` honours the import
    allow-list and hands out read-only *module views* (:class:`ModuleGate`) that hide private names,
    non-allowed modules, metaclasses and known-dangerous functions of allowed packages, and replace a few
-   objects by checked stand-ins (``numpy.ndarray``, ``functools.update_wrapper``/``wraps``);
+   objects by checked stand-ins (``functools.update_wrapper``/``wraps``, and every ``numpy.ndarray``
+   subclass however it is reached, judged by the arrays it builds);
    ``getattr``/``setattr``/``delattr``/``hasattr``/``vars``/``dir`` refuse names starting with ``_``;
    ``open`` only opens files inside the working directory; ``exec``/``eval`` validate their string like
    the snippet itself; ``globals()`` is a copy without dunder entries (no builtins dict, which holds the
@@ -29,7 +31,10 @@ sympy evaluates strings in several places (``sympify``, ``parse_expr``, ``lambdi
 are patched to validate the string and evaluate it with the sandbox's builtins, and its class factory
 ``Function(name, bases, namespace)`` refuses special attributes in the namespace.
 
-This module only uses the standard library; it is loaded by the worker script as a top-level module.
+Whenever policy code touches the code's objects (reading, hashing, iterating them), it does so through the
+isolated helpers below (``call_isolated``), never as the direct caller of what the code chose.
+
+This module only uses the standard library; the worker loads it from its file, outside the package.
 """
 
 from __future__ import annotations
@@ -116,7 +121,7 @@ DENIED_ATTRS = frozenset({
     "cr_origin", "cr_running", "ag_frame", "ag_code", "ag_await", "ag_running", "tb_frame", "tb_next",
     "tb_lasti", "f_globals", "f_locals", "f_builtins", "f_back", "f_code", "f_trace", "f_lasti",
     "func_globals", "func_code", "co_code", "co_consts", "co_names", "ctypes", "cffi",
-    "mro",  # a class's mro() lists the real classes behind guarded ones (see GUARDED_CLASSES)
+    "mro",  # a class's mro() lists the real classes behind guarded ones (see GUARDED_BASES)
 })
 
 # Keyword arguments refused in any call: numpy's ``ndarray.resize(refcheck=False)`` frees memory that other

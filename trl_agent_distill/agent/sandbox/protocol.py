@@ -16,7 +16,7 @@ memo (shared or cyclic structures) are refused; the only globals are checked con
 Fraction and Decimal that refuse special values (``Decimal('sNaN')``) and oversized numbers. Whatever
 passes can be printed, compared, hashed and pickled by the host in bounded time.
 
-This module is imported both as part of the package (host side) and as a top-level module by the worker
+This module is imported both as part of the package (host side) and from its file by the worker
 script, so it must only use the standard library.
 """
 
