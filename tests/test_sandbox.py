@@ -715,7 +715,7 @@ def test_forks_nest_as_deep_as_landlock_allows_and_then_refuse_cleanly():
             pytest.skip("Landlock is not available")
         for depth in range(1, 16):  # each copy stacks one more Landlock layer (the kernel allows 16)
             sandboxes.append(sandboxes[-1].fork())
-            assert sandboxes[-1].run(f"x += 1\nx").text.endswith(f"\n{depth}")
+            assert sandboxes[-1].run("x += 1\nx").text.endswith(f"\n{depth}")
         with pytest.raises(SandboxError, match="nest at most 15"):
             sandboxes[-1].fork()
         assert sandboxes[-1].run("x").text.endswith("\n15")  # the refused fork left the deepest copy intact

@@ -591,6 +591,8 @@ class ModuleGate:
             return None
         if level:
             raise ImportBlocked("Relative imports are not allowed in this sandbox.")
+        if type(fromlist) not in (tuple, list, type(None)):  # the interpreter's own: never the code's iterable
+            raise TypeError("fromlist must be a tuple or list of names")
         root = name.partition(".")[0]
         if root not in self._roots:
             raise self._not_allowed(name)
