@@ -20,8 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from trl_agent_distill.agent import _sandbox_protocol as protocol
-from trl_agent_distill.agent.sandbox import DEFAULT_ALLOWED_IMPORTS, Observation, PythonSandbox, SandboxError
+from trl_agent_distill.agent.sandbox import protocol
+from trl_agent_distill.agent.sandbox import (
+    DEFAULT_ALLOWED_IMPORTS,
+    Observation,
+    PythonExecutor,
+    PythonSandbox,
+    SandboxError,
+    render_observation,
+)
 
 TIMEOUT = 2.0
 MARGIN = 3.0  # process start-up and teardown on a loaded 2-core machine
@@ -97,6 +104,34 @@ def assert_contained(sb: PythonSandbox, code: str, marker: Path, bystander: Pyth
 # ----------------------------------------------------------------------------------------------------------------
 # Basic behaviour and observation format
 # ----------------------------------------------------------------------------------------------------------------
+def test_the_sandbox_is_an_executor_with_structured_results(sandbox):
+    assert isinstance(sandbox, PythonExecutor)
+    obs = sandbox.run("print('hi')\n6 * 7")
+    assert (obs.printed, obs.value, obs.error_message, obs.error) == ("hi\n", "42", None, False)
+    assert obs.text == render_observation(obs.printed, obs.value, obs.error_message)
+    failed = sandbox.run("print('a')\n1 / 0")
+    assert failed.error and failed.value is None and failed.error_message.startswith("ZeroDivisionError")
+    assert failed.text == render_observation("a\n", None, failed.error_message)
+    final = sandbox.run("final_answer([1, 2])")
+    assert final.has_final_answer and final.final_answer == [1, 2] and final.value == "[1, 2]"
+    timed_out = PythonSandbox(timeout=0.5)
+    try:
+        obs = timed_out.run("while True:\n    pass")
+        assert obs.timed_out and obs.error_message.startswith("Execution timed out") and obs.text.startswith("Error:")
+    finally:
+        timed_out.close()
+
+
+def test_final_answers_the_host_would_refuse_come_back_as_their_repr(sandbox):
+    for code, start in [("final_answer(list(range(2_000_000)))", "[0, 1, 2"),  # more items than a frame may hold
+                        ("import decimal\nfinal_answer(decimal.Decimal('sNaN'))", "Decimal('sNaN')"),
+                        ("final_answer(2 ** 20_000)", "<unprintable int")]:
+        obs = sandbox.run(code)
+        assert not obs.error and obs.has_final_answer, obs.text
+        assert isinstance(obs.final_answer, str) and obs.final_answer.startswith(start)
+    assert sandbox.run("final_answer([1.5, (2, 'x')])").final_answer == [1.5, (2, "x")]
+
+
 def test_state_is_kept_between_runs(sandbox):
     assert not sandbox.run("x = 20\ndef double(v):\n    return 2 * v").error
     assert sandbox.run("double(x) + 2").text == "Execution logs:\nLast output from code snippet:\n42"
@@ -355,9 +390,9 @@ ATTACKS = {
                              "'/etc/passwd' is not allowed"),
     "numpy_memmap": ("import numpy as np\nnp.memmap('m', mode='w+', shape=(2,))", "numpy.memmap"),
     "numpy_object_array_over_bytes": ("import numpy as np\nnp.ndarray((1,), dtype=object, buffer=bytearray(8))",
-                                      "object dtype is not allowed"),
+                                      "object items over a raw buffer"),
     "numpy_object_array_via_type": ("import numpy as np\ntype(np.zeros(1))((1,), dtype=object, "
-                                    "buffer=bytearray(b'\\x08' * 8))", "object dtype is not allowed"),
+                                    "buffer=bytearray(b'\\x08' * 8))", "object items over a raw buffer"),
     "numpy_recarray_over_bytes": ("import numpy as np\nnp.recarray((1,), dtype=[('a', 'O')], buf=bytearray(8))",
                                   "'numpy.recarray' is not available"),
     "numpy_rec_fromstring": ("import numpy as np\nnp.rec.fromstring(b'\\x08' * 8, dtype=[('a', 'O')])",
@@ -384,6 +419,35 @@ ATTACKS = {
     "sympy_get_class": ("from sympy.utilities.source import get_class", "sympy.utilities.source"),
     "sympy_autowrap": ("from sympy.utilities.autowrap import autowrap", "sympy.utilities.autowrap"),
     "sympy_init_session": ("import sympy\nsympy.init_session()", "init_session"),
+    # A library function that assigns into its caller's globals (sympy.var), called by the policy on the code's
+    # behalf (keys() of a **mapping, a property read by getattr), would replace the policy's check_attribute.
+    "policy_frame_via_mapping_keys": (
+        "import functools, sympy\nclass E(sympy.Symbol):\n    def __call__(self, name, store=False):\n"
+        "        return name\nclass M:\n    keys = functools.partial(sympy.var, 'check_attribute', cls=E)\n"
+        "try:\n    dict(**M())\nexcept Exception:\n    pass\ngetattr(type, '__glo' + 'bals__')['os']",
+        "'__globals__' is not allowed"),
+    "policy_frame_via_property": (
+        "import functools, sympy\nclass E(sympy.Symbol):\n    def __call__(self, name, store=False):\n"
+        "        return name\nclass N(str):\n    x = property(functools.partial(sympy.var, cls=E))\n"
+        "try:\n    getattr(N('check_attribute'), 'x')\nexcept Exception:\n    pass\n"
+        "getattr(type, '__glo' + 'bals__')['os']", "'__globals__' is not allowed"),
+    # string annotations evaluated by the standard library (functools.singledispatch -> typing.get_type_hints)
+    "annotation_string": (
+        "import functools\n@functools.singledispatch\ndef f(x):\n    return 0\n"
+        "s = \"[c for c in ().__class__.__base__.__subclasses__() if c.__name__ == '_wrap_close'][0]"
+        ".__init__.__globals__['getcwd']()\"\n@f.register\ndef _(x: s):\n    return 1",
+        "string annotations must be type expressions"),
+    "annotation_string_in_generic_alias": (
+        "import functools\n@functools.singledispatch\ndef f(x):\n    return 0\n"
+        "s = '().__class__.__base__'\n@f.register\ndef _(x: list[s]):\n    return 1",
+        "'__base__' is not allowed"),
+    # a generic alias of a guarded class, and the class of a library result: guarded by what they build
+    "numpy_generic_alias": ("import numpy.typing as npt\nnpt.NDArray(1, dtype=object, buffer=bytes(8))",
+                            "object items over a raw buffer"),
+    "numpy_type_of_library_result": (
+        "import numpy as np\nfrom numpy.lib import recfunctions as rfn\n"
+        "r = rfn.rec_append_fields(np.zeros(1, dtype=[('a', int)]), 'b', np.zeros(1))\n"
+        "type(r)((1,), dtype=[('p', object)], buf=bytes(8))", "object items over a raw buffer"),
 }
 
 
@@ -482,14 +546,14 @@ def test_no_process_escapes_the_session(sandbox):
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.mark.skipif(platform.machine() != "x86_64" or sys.platform != "linux", reason="seccomp filter is x86-64 only")
 def test_os_layer_alone_blocks_exec_network_signals_files_and_fork_bombs(tmp_path):
-    agent_dir = Path(__file__).resolve().parents[1] / "trl_agent_distill" / "agent"
+    agent_dir = Path(__file__).resolve().parents[1] / "trl_agent_distill" / "agent" / "sandbox"
     work = tmp_path / "box"
     work.mkdir()
     marker = tmp_path / "pwned"
     script = textwrap.dedent(f"""
         import os, socket, sys, time
         sys.path.insert(0, {str(agent_dir)!r})
-        import _sandbox_os as o
+        import os_layer as o
         results = {{"dropped_root": o.drop_root(1_234_567_890, 12)}}
         results["landlock"] = o.landlock_restrict([{str(work)!r}], [sys.prefix, sys.base_prefix, "/usr/lib", "/lib"])
         assert o.install_seccomp()
@@ -569,6 +633,126 @@ def test_fork_isolation_both_ways(sandbox):
         grandchild.close()
     finally:
         child.close()
+
+
+def test_fork_cannot_write_the_originals_files_through_inherited_descriptors(sandbox):
+    sandbox.run("log = open('log.txt', 'w')\nlog.write('parent;')\nlog.flush()\nreader = open('log.txt')")
+    child, sibling = sandbox.fork(), sandbox.fork()
+    try:
+        assert not child.run("log.write('child;')\nlog.flush()").error
+        assert not sibling.run("log.write('sibling;')\nlog.flush()").error
+        # each copy wrote into its own copy of the file, at the offset the original had reached
+        assert (sandbox.workdir / "log.txt").read_text() == "parent;"
+        assert (child.workdir / "log.txt").read_text() == "parent;child;"
+        assert (sibling.workdir / "log.txt").read_text() == "parent;sibling;"
+        assert child.run("reader.read()").text.endswith("\nparent;child;")
+        assert not sandbox.run("log.write('more;')\nlog.flush()").error
+        assert (child.workdir / "log.txt").read_text() == "parent;child;"
+        # homes nest (Landlock can only narrow what a fork inherits) but no copy's directory holds another's
+        for a, b in [(sandbox, child), (child, sibling), (sandbox, sibling)]:
+            assert not a.workdir.is_relative_to(b.workdir) and not b.workdir.is_relative_to(a.workdir)
+    finally:
+        child.close()
+        sibling.close()
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or sys.platform != "linux", reason="seccomp filter is x86-64 only")
+def test_os_layer_alone_confines_a_fork_to_its_own_home(tmp_path):
+    """A compromised copy (language layer bypassed) cannot write its original's or its siblings' files."""
+    agent_dir = Path(__file__).resolve().parents[1] / "trl_agent_distill" / "agent" / "sandbox"
+    home = tmp_path / "h0"
+    for path in (home / "work", home / "h1" / "work", home / "h2" / "work"):
+        path.mkdir(parents=True)
+    script = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(agent_dir)!r})
+        import os_layer as o
+        home = {str(home)!r}
+        reads = [sys.prefix, sys.base_prefix, "/usr/lib", "/lib", "/dev/null"]
+        assert o.landlock_restrict([home], reads), "no Landlock"
+        o.install_seccomp()
+        log = open(home + "/work/log.txt", "w")
+        log.write("parent;")
+        log.flush()
+        open(home + "/h2/work/sibling.txt", "w").write("sibling;")
+        # what the host does before forking: copy the working directory into the copy's home
+        open(home + "/h1/work/log.txt", "w").write("parent;")
+        pid = os.fork()
+        if pid == 0:
+            results = {{"moved": o.rebind_descriptors(home + "/work", home + "/h1/work", keep=(), max_fd=256)}}
+            results["landlock"] = o.landlock_restrict([home + "/h1"], reads)
+            log.write("child;")
+            log.flush()
+            for name, path in [("parent", home + "/work/log.txt"), ("sibling", home + "/h2/work/sibling.txt"),
+                               ("new_in_parent", home + "/work/new.txt"), ("own", home + "/h1/work/own.txt")]:
+                try:
+                    open(path, "a").write("x")
+                    results[name] = "allowed"
+                except OSError as e:
+                    results[name] = type(e).__name__
+            print(results, flush=True)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    if "no Landlock" in out.stderr:
+        pytest.skip("Landlock is not available")
+    assert out.returncode == 0, out.stderr
+    results = eval(out.stdout)  # noqa: S307 - our own subprocess's repr of a dict of str/int
+    assert results["landlock"] and results["moved"] >= 1
+    assert results["parent"] == results["sibling"] == results["new_in_parent"] == "PermissionError"
+    assert results["own"] == "allowed"
+    assert (home / "work" / "log.txt").read_text() == "parent;"
+    assert (home / "h1" / "work" / "log.txt").read_text() == "parent;child;"
+    assert (home / "h2" / "work" / "sibling.txt").read_text() == "sibling;"
+
+
+def test_forks_nest_as_deep_as_landlock_allows_and_then_refuse_cleanly():
+    sandboxes = [PythonSandbox(timeout=30)]
+    try:
+        sandboxes[0].run("x = 0")
+        if not sandboxes[0].protections.get("landlock_abi"):
+            pytest.skip("Landlock is not available")
+        for depth in range(1, 16):  # each copy stacks one more Landlock layer (the kernel allows 16)
+            sandboxes.append(sandboxes[-1].fork())
+            assert sandboxes[-1].run("x += 1\nx").text.endswith(f"\n{depth}")
+        with pytest.raises(SandboxError, match="nest at most 15"):
+            sandboxes[-1].fork()
+        assert sandboxes[-1].run("x").text.endswith("\n15")  # the refused fork left the deepest copy intact
+    finally:
+        for sb in reversed(sandboxes):
+            sb.close()
+
+
+def test_disk_quota_ends_the_run_and_bounds_forks():
+    with PythonSandbox(timeout=20, disk_quota_mb=2) as sb:
+        sb.run("x = 1")
+        start = time.monotonic()
+        obs = sb.run("for i in range(8):\n    open(f'f{i}', 'wb').write(bytes(512 * 1024))\nwhile True:\n    pass")
+        assert obs.error and not obs.timed_out and "disk quota (2 MB" in obs.text
+        assert time.monotonic() - start < 10  # ended when the quota was passed, not at the timeout
+        assert list(sb.workdir.iterdir()) == []  # the run's files are gone, the next run starts clean
+        assert "NameError" in sb.run("x").text
+        # a run that stays below the quota is fine, but its copy would not fit
+        assert not sb.run("open('big', 'wb').write(bytes(1536 * 1024))\nx = 2").error
+        with pytest.raises(SandboxError, match="disk quota"):
+            sb.fork()
+        assert sb.run("x").text.endswith("\n2")
+        # one file may not be larger than the quota either
+        assert sb.run("open('huge', 'wb').write(bytes(3 * 1024 * 1024))").error
+    with pytest.raises(ValueError, match="disk_quota_mb"):
+        PythonSandbox(disk_quota_mb=0)
+
+
+def test_language_layer_keeps_ordinary_annotations_and_arrays_working(sandbox):
+    obs = sandbox.run(
+        "import functools\nimport numpy as np\n@functools.singledispatch\ndef f(x):\n    return 'any'\n"
+        "@f.register\ndef _(x: 'int'):\n    return 'int'\n@f.register\ndef _(x: list):\n    return 'list'\n"
+        "class Node:\n    parent: 'Node | None' = None\n    children: list['Node'] = []\n"
+        "a = np.ndarray((2,), dtype=np.int64, buffer=np.arange(2))\no = np.array([None, 1], dtype=object)\n"
+        "v = type(o)((2,), dtype=object, buffer=None)\n"
+        "f(1), f([1]), f('x'), a.tolist(), isinstance(a, np.ndarray), type(a) is np.ndarray, v.shape")
+    assert obs.text.endswith("\n('int', 'list', 'any', [0, 1], True, True, (2,))"), obs.text
 
 
 def test_fork_timeout_and_close_leave_the_other_intact():
@@ -661,47 +845,87 @@ def test_slow_tool_counts_towards_timeout():
 # ----------------------------------------------------------------------------------------------------------------
 _FAKE_WORKER = """
 import os, pickle, socket, struct, sys
+sys.path.insert(0, {agent_dir!r})
+import protocol
 sock = socket.socket(fileno=int(sys.argv[1]))
+key, sent, received = b"", 0, 0
 
 def recv():
+    global received
     size = struct.unpack("!I", sock.recv(4, socket.MSG_WAITALL))[0]
-    return pickle.loads(sock.recv(size, socket.MSG_WAITALL))
+    received += 1
+    return protocol.open_frame(sock.recv(size, socket.MSG_WAITALL), key, received - 1)
 
-def send_raw(data):
-    sock.sendall(struct.pack("!I", len(data)) + data)
+def sealed(payload, seq, key=None):
+    tag = protocol.mac(key if key is not None else globals()["key"], seq, payload)
+    return struct.pack("!I", protocol.MAC_BYTES + len(payload)) + tag + payload
 
-recv()
+def send_raw(payload):  # the worker is compromised: it authenticates whatever payload it likes
+    global sent
+    sock.sendall(sealed(payload, sent))
+    sent += 1
+
+def result(**fields):
+    plain = dict(printed="", value="1", error=None, final=False, final_value=None, final_is_repr=False,
+                 stray_threads=False)
+    plain.update(fields)
+    return plain
+
+key = recv()[1]["key"]
 send_raw(pickle.dumps(("ready", {{"pid": os.getpid(), "protections": {{}}}})))
 while True:
     message = recv()
     {behaviour}
 """
 
+# What a worker can send in place of an answer; the host must answer each with an error observation.
 _EVIL = {
     # a pickle that would run a command when loaded with the ordinary unpickler
     "evil_pickle": "send_raw(pickle.dumps(('result', os.system)))",
     "evil_reduce": ("class E:\n        def __reduce__(self):\n            return (os.system, ('touch {marker}',))\n"
                     "    send_raw(pickle.dumps(('result', E())))"),
     "oversized": "sock.sendall(struct.pack('!I', 2**31))",
+    "undersized": "sock.sendall(struct.pack('!I', 3) + b'abc')",
     "garbage": "send_raw(b'not a pickle at all')",
+    "truncated_pickle": "send_raw(pickle.dumps(('result', result()))[:-5])",
     "fd_spam": ("fds = [os.open('/dev/null', os.O_RDONLY) for _ in range(8)]\n"
                 "    socket.send_fds(sock, [struct.pack('!I', 3)], fds)\n    sock.sendall(b'xyz')"),
     "fake_fork": ("data = pickle.dumps(('forked', {{}}))\n    a, b = socket.socketpair()\n"
-                  "    socket.send_fds(sock, [struct.pack('!I', len(data)) + data], [a.fileno()])\n"
+                  "    socket.send_fds(sock, [sealed(data, sent)], [a.fileno()])\n"
                   "    data = pickle.dumps(('hello', {{'pid': {victim}, 'protections': {{}}}}))\n"
-                  "    b.sendall(struct.pack('!I', len(data)) + data)"),
+                  "    b.sendall(sealed(data, 0))"),
     "silent": "pass",
+    # frames that code in the worker can write without the key: forged, or a stale frame replayed
+    "forged_result": "sock.sendall(sealed(pickle.dumps(('result', result(value='FORGED-VALUE'))), sent, key=b''))",
+    "replayed_frame": "sock.sendall(sealed(pickle.dumps(('result', result(value='STALE-VALUE'))), sent - 1))",
+    # pathological plain data: shared, deep, huge numbers, values whose comparison raises
+    "shared_list": "send_raw(pickle.dumps(('result', result(final=True, final_value=[[0] * 1000] * 1000))))",
+    "deep_nesting": "send_raw(b'\\x80\\x05' + b']' * 200000 + b'a' * 199999 + b'.')",
+    "cyclic_list": "x = []\n    x.append(x)\n    send_raw(pickle.dumps(('result', result(final=True, final_value=x))))",
+    "huge_int": "send_raw(pickle.dumps(('result', result(final=True, final_value=10 ** 100000))))",
+    "signalling_nan": ("from decimal import Decimal\n"
+                       "    send_raw(pickle.dumps(('result', result(final=True, final_value=Decimal('sNaN')))))"),
+    "huge_exponent": ("from decimal import Decimal\n"
+                      "    send_raw(pickle.dumps(('result', result(final=True, final_value=Decimal('1e999999999')))))"),
+    "many_items": "send_raw(pickle.dumps(('result', result(final=True, final_value=list(range(2 * 10**6))))))",
+    "huge_text": "send_raw(pickle.dumps(('result', result(printed='x' * 30_000_000))))",
+    "unhashable_key": "send_raw(b'\\x80\\x05}}]\\x88s.')",
+    "malformed_result": "send_raw(pickle.dumps(('result', {{'printed': 1}})))",
+    "wrong_kind": "send_raw(pickle.dumps(('hello', {{}})))",
+    # a run that leaves a thread behind: the interpreter ends with the run
+    "stray_threads": "send_raw(pickle.dumps(('result', result(stray_threads=True))))",
 }
 
 
 @pytest.mark.parametrize("behaviour", sorted(_EVIL))
 def test_compromised_worker_cannot_harm_parent(behaviour, tmp_path, marker, monkeypatch):
-    from trl_agent_distill.agent import sandbox as sandbox_module
+    from trl_agent_distill.agent.sandbox import host as sandbox_module
 
     victim = subprocess.Popen(["sleep", "60"])  # an unrelated process the fake worker claims to be its fork
     try:
         script = tmp_path / "fake_worker.py"
-        script.write_text(_FAKE_WORKER.format(behaviour=_EVIL[behaviour].format(marker=marker, victim=victim.pid)))
+        script.write_text(_FAKE_WORKER.format(agent_dir=str(Path(sandbox_module.__file__).parent),
+                                              behaviour=_EVIL[behaviour].format(marker=marker, victim=victim.pid)))
         monkeypatch.setattr(sandbox_module, "_WORKER_SCRIPT", script)
         fds_before = len(os.listdir("/proc/self/fd"))
         with PythonSandbox(timeout=TIMEOUT) as sb:
@@ -714,6 +938,11 @@ def test_compromised_worker_cannot_harm_parent(behaviour, tmp_path, marker, monk
                 obs = sb.run("1")
                 assert obs.error and time.monotonic() - start < TIMEOUT + MARGIN
                 assert obs.timed_out == (behaviour == "silent")
+                assert "FORGED-VALUE" not in obs.text and "STALE-VALUE" not in obs.text and len(obs.text) < 1000
+                str(obs), repr(obs), pickle.dumps(obs)  # everything the host holds is bounded plain data
+                assert sb._worker is None  # never trusted again
+                if behaviour == "stray_threads":
+                    assert "left threads running" in obs.text
         assert not marker.exists()
         assert victim.poll() is None  # never signalled
         assert len(os.listdir("/proc/self/fd")) <= fds_before

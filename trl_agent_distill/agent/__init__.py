@@ -12,7 +12,7 @@ from .backends import (
 )
 from .loop import Agent, CodeActAgent, Episode, ReActAgent, SelfConsistency, Task, describe_tool
 from .retrieval import Document, RetrievalTool
-from .sandbox import DEFAULT_ALLOWED_IMPORTS, Observation, PythonSandbox, SandboxError
+from .sandbox import DEFAULT_ALLOWED_IMPORTS, Observation, PythonExecutor, PythonSandbox, SandboxError
 
 __all__ = [
     "DEFAULT_ALLOWED_IMPORTS",
@@ -27,6 +27,7 @@ __all__ = [
     "Observation",
     "OpenAIBackend",
     "PolicyBackend",
+    "PythonExecutor",
     "PythonSandbox",
     "ReActAgent",
     "RetrievalTool",

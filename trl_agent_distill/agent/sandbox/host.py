@@ -1,77 +1,9 @@
-"""A Python executor for untrusted CodeAct steps, in the format of smolagents' observations.
+"""Host side of the sandbox: :class:`PythonSandbox` starts, feeds and supervises worker processes.
 
-``PythonSandbox`` runs the code a model writes (one ``run`` per agent step) in a separate worker
-interpreter that keeps its variables between steps, and returns an :class:`Observation` whose text is
-what smolagents shows the model::
-
-    Execution logs:
-    {printed output}
-    Last output from code snippet:
-    {value of the last expression, or of final_answer(x)}
-
-or ``Error:\\n{ExceptionType}: {message}`` (after the execution logs if something was printed).
-
-    with PythonSandbox(tools={"web_search": retriever.search}, timeout=10) as sandbox:
-        obs = sandbox.run("r = web_search(query='Velmora founding year')\\nprint(r)")
-        candidates = [sandbox.fork() for _ in range(8)]   # independent copies for self-consistency
-
-What it guarantees
-------------------
-The sandbox is *defence in depth around a separate process*, not a virtual machine. In this order:
-
-1. **Language layer** (always on). The snippet's AST is checked before it runs: no dunder names
-   (``__import__``, ``__builtins__``), no private or dunder attributes (``().__class__.__base__``,
-   ``f.__globals__``), no frame/generator/traceback internals (``gi_frame``, ``tb_frame``, ``f_globals``),
-   and class bodies may only define ordinary special methods. Builtins are reduced: ``__import__`` only
-   imports the allow-list (``allowed_imports`` and their public submodules) and hands out read-only
-   module views that hide private names, other modules, metaclasses and dangerous functions
-   (``numpy.ctypeslib``, ``numpy.lib.stride_tricks.as_strided``, ``sympy.preview`` ...);
-   ``getattr``/``setattr``/``vars``/``dir`` refuse names starting with ``_``; ``type()`` and
-   ``obj.__class__`` never return a metaclass; ``open`` only opens files inside the working directory;
-   ``exec``/``eval`` check their string like the snippet; ``compile``, ``breakpoint``, ``input`` are
-   refused. Routes by which numpy would trust a raw memory address or free memory still in use are
-   closed (``__array_interface__`` via any class factory or ``**kwargs``, object arrays over raw bytes,
-   ``resize(refcheck=False)``, record arrays), and sympy's string evaluation (``sympify``,
-   ``parse_expr``, ``lambdify``) goes through the same checks.
-2. **Audit hook** (always on, PEP 578, cannot be removed): what allowed *libraries* do on the code's
-   behalf is checked too: file writes outside the working directory and reads outside it and Python's
-   own files (``numpy.save('/tmp/x')``, ``numpy.loadtxt('/etc/passwd')``), processes, sockets, ctypes,
-   unpickling of classes (``numpy.load(..., allow_pickle=True)``), frame access, threads.
-3. **Operating system** (per kernel support; see :attr:`PythonSandbox.protections`): a fresh process per
-   sandbox with a minimal environment, its own session, stdin/stdout/stderr on /dev/null and a fresh
-   temporary working directory; RLIMIT_AS (``memory_limit_mb``), a per-run RLIMIT_CPU budget
-   (``cpu_time_limit``), RLIMIT_FSIZE (32 MiB per file), no core dumps; when started by root, the worker
-   runs as a fresh unprivileged uid (keeping only the file-access capabilities) with RLIMIT_NPROC 256
-   per sandbox and its copies; on x86-64 Linux a seccomp filter (no ``execve``, no sockets, no ptrace, no
-   signals to other processes, no new sessions, namespaces or mounts); with Landlock (Linux >= 5.13)
-   the file system is read-only outside the sandbox's directory and unreadable outside Python's
-   installation and system libraries, and TCP is refused.
-4. **Wall clock**: every ``run`` ends within ``timeout`` seconds (plus process start-up): on expiry the
-   worker is killed and a fresh interpreter serves the next run; processes left in a sandbox's session
-   are killed when the last sandbox of that lineage closes.
-
-The parent process is never harmed by what the code does: messages from the worker are length-capped
-and decoded as plain data only (no pickled classes), a dead or misbehaving worker is an error
-observation, and ``run`` only raises :class:`SandboxError` for misuse (e.g. running after ``close``).
-
-What it does not guarantee
---------------------------
-* It is not a VM or container. A memory-safety bug in CPython, numpy or sympy that sandboxed code can
-  reach (the language layer closes the routes we know of) or a kernel bug can give native code
-  execution inside the worker; what then still holds is the OS layer above, which depends on the
-  kernel (no seccomp off x86-64, no Landlock before Linux 5.13 or where disabled, no uid switch or
-  process cap unless the parent runs as root).
-* Without Landlock, code that escapes the language layer can read and write what the worker's user
-  can (the file-access capabilities are kept to preserve root's file semantics).
-* CPU and memory are limited per worker process; disk use per file (not in total).
-* A sandbox and its copies made by :meth:`PythonSandbox.fork` have sibling working directories under
-  one temporary directory; the language layer and the audit hook keep each copy to its own, the
-  Landlock rule covers the common parent. Open file objects held in variables at the time of a fork
-  are shared with the copy (same file and offset); reopen files after forking.
-* Compatibility costs of the language layer: no ``__getattr__``/``__del__`` in user classes, no
-  underscore attributes (``self._x``; namedtuple's ``_asdict`` & co. excepted), ``globals()`` is a
-  read-only snapshot, ``exec``/``eval`` without explicit globals run in the snippet's namespace,
-  ``numpy.ndarray`` cannot be subclassed, only math/numpy/sympy back-ends for ``lambdify``.
+The host trusts nothing a worker sends (see ``protocol``): frames are authenticated, decoded within bounds,
+checked field by field, and any violation, timeout, crash or passed disk quota becomes an error observation
+and a fresh interpreter. Workers, their sessions and directories are owned here: a sandbox and its forks
+form a *lineage* sharing one temporary directory and one disk quota.
 """
 
 from __future__ import annotations
@@ -95,18 +27,18 @@ import tempfile
 import threading
 import time
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from . import _sandbox_protocol as protocol
+from . import protocol
+from .executor import Observation, PythonExecutor
 
-__all__ = ["DEFAULT_ALLOWED_IMPORTS", "Observation", "PythonSandbox", "SandboxError"]
+__all__ = ["DEFAULT_ALLOWED_IMPORTS", "PythonSandbox", "SandboxError"]
 
 DEFAULT_ALLOWED_IMPORTS = ("math", "re", "json", "collections", "itertools", "functools", "statistics", "datetime",
                            "fractions", "decimal", "random", "numpy", "sympy")
 
-_WORKER_SCRIPT = Path(__file__).with_name("_sandbox_worker.py")
+_WORKER_SCRIPT = Path(__file__).with_name("worker.py")
 _MAX_FILE_BYTES = 32 * 1024 * 1024  # RLIMIT_FSIZE: largest file the code may write
 _MAX_OPEN_FILES = 256
 _MAX_PROCESSES = 256  # RLIMIT_NPROC of a worker session (threads included), when started by root
@@ -114,31 +46,21 @@ _UID_RANGE = (1 << 30, (1 << 31) - 2)  # unprivileged uids for workers started b
 _STARTUP_TIMEOUT = 60.0  # generous: a loaded CI machine can take seconds to start an interpreter
 _MAX_OUTPUT_CHARS = 10_000_000
 _FORK_TIMEOUT = 10.0
+_CLIP_NOTE_CHARS = 1000
+_MAX_ENTRIES = 100_000  # files and directories per lineage, counted with the disk quota
+_QUOTA_POLL = 0.25  # seconds between disk-usage checks while a run is going
+_MAX_FORK_DEPTH = 15  # each fork adds a Landlock layer to its worker, and the kernel allows 16  # the note the worker puts where it cut a long text, with room to spare
 
 
 class SandboxError(RuntimeError):
     """Misuse of a sandbox (e.g. running code after ``close``) or a sandbox that cannot start at all."""
 
 
-@dataclass(frozen=True)
-class Observation:
-    """What one ``run`` produced."""
-
-    text: str
-    """The observation shown to the model, in smolagents' format."""
-    error: bool
-    """The code raised, was refused, timed out or crashed the worker."""
-    final_answer: Any = None
-    """The value passed to ``final_answer(x)`` as plain data (numpy values become Python numbers or lists;
-    anything else that is not plain data becomes its ``repr``)."""
-    has_final_answer: bool = False
-    """``final_answer`` was called (distinguishes ``final_answer(None)`` from no call)."""
-    printed: str = ""
-    """Captured stdout, truncated like in ``text``."""
-    timed_out: bool = False
-
-
 class _Timeout(Exception):
+    pass
+
+
+class _QuotaExceeded(Exception):
     pass
 
 
@@ -150,8 +72,10 @@ class _Channel:
 
     _FD_SPACE = socket.CMSG_SPACE(8 * array.array("i").itemsize)
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, key: bytes = b""):
         self.sock = sock
+        self.key = key
+        self._sent = self._received = 0
         self._buffer = bytearray()
         self._fds: list[int] = []
 
@@ -160,7 +84,8 @@ class _Channel:
         self.sock.close()
 
     def send(self, obj: Any, deadline: float) -> None:
-        view = memoryview(protocol.frame(obj))
+        view = memoryview(protocol.frame(obj, self.key, self._sent))
+        self._sent += 1
         while view:
             self.sock.settimeout(self._remaining(deadline))
             try:
@@ -169,27 +94,32 @@ class _Channel:
                 raise _Timeout from None
             view = view[sent:]
 
-    def recv(self, deadline: float) -> tuple[Any, list[int]]:
-        """One message and the file descriptors that arrived with it (the caller owns them)."""
-        (size,) = protocol.HEADER.unpack(self._read(protocol.HEADER.size, deadline))
-        if size > protocol.MAX_FRAME_BYTES:
-            raise protocol.ProtocolError(f"oversized frame ({size} bytes)")
-        payload = self._read(size, deadline)
+    def recv(self, deadline: float, watch: Callable[[], None] | None = None) -> tuple[Any, list[int]]:
+        """One message and the file descriptors that arrived with it (the caller owns them); while waiting,
+        ``watch`` is called every ``_QUOTA_POLL`` seconds (it raises to stop waiting)."""
+        (size,) = protocol.HEADER.unpack(self._read(protocol.HEADER.size, deadline, watch))
+        protocol.check_size(size)
+        body = self._read(size, deadline, watch)
         fds, self._fds = self._fds, []
+        self._received += 1
         try:
-            return protocol.loads(payload), fds
+            return protocol.open_frame(body, self.key, self._received - 1), fds
         except BaseException:
             _close_fds(fds)
             raise
 
-    def _read(self, n: int, deadline: float) -> bytes:
+    def _read(self, n: int, deadline: float, watch: Callable[[], None] | None = None) -> bytes:
         while len(self._buffer) < n:
-            self.sock.settimeout(self._remaining(deadline))
+            remaining = self._remaining(deadline)
+            self.sock.settimeout(remaining if watch is None else min(remaining, _QUOTA_POLL))
             try:
                 data, ancdata, _flags, _addr = self.sock.recvmsg(max(65536, min(n - len(self._buffer), 1 << 22)),
                                                                  self._FD_SPACE, socket.MSG_CMSG_CLOEXEC)
             except socket.timeout:
-                raise _Timeout from None
+                if watch is None or time.monotonic() >= deadline:
+                    raise _Timeout from None
+                watch()
+                continue
             for level, kind, cdata in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     fds = array.array("i")
@@ -371,20 +301,32 @@ class _Worker:
 
 
 class _Lineage:
-    """The temporary directory shared by a sandbox and its forks; each gets a subdirectory as workdir."""
+    """The temporary directory of a sandbox and its forks, and the disk quota they share.
 
-    def __init__(self) -> None:
+    Each sandbox has a home directory holding its working directory (``work``) and the homes of its forks:
+    a fork's home lies inside its original's because Landlock can only narrow what a forked process
+    inherits. The worker may write only under its home (Landlock) and only in ``work`` (language layer).
+    """
+
+    def __init__(self, quota_bytes: int) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="tad-sandbox-"))
+        self.quota_bytes = quota_bytes
         self._lock = threading.Lock()
         self._refs = 0
         self._counter = itertools.count()
 
-    def new_workdir(self) -> Path:
+    def new_home(self, parent: Path | None = None) -> Path:
         with self._lock:
             self._refs += 1
-            path = self.root / f"w{next(self._counter)}"
-        path.mkdir(mode=0o700)
-        return path
+            home = (parent or self.root) / f"h{next(self._counter)}"
+        home.mkdir(mode=0o700)
+        (home / "work").mkdir(mode=0o700)
+        return home
+
+    def over_quota(self, adding: int = 0) -> bool:
+        """Whether the lineage's files (plus ``adding`` bytes) exceed the quota."""
+        used, entries = _disk_usage(self.root, self.quota_bytes)
+        return used + adding > self.quota_bytes or entries > _MAX_ENTRIES
 
     def release(self) -> None:
         with self._lock:
@@ -394,10 +336,51 @@ class _Lineage:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _copy_regular(src: str, dst: str) -> None:
-    # Only regular files: a FIFO or device in the working directory must not block or leak the copy.
-    if stat.S_ISREG(os.lstat(src).st_mode):
-        shutil.copy2(src, dst)
+def _disk_usage(path: Path, stop_above: int) -> tuple[int, int]:
+    """(bytes, entries) of the files under ``path``, counting stops once either passes its bound."""
+    used = entries = 0
+    pending = [str(path)]
+    while pending and used <= stop_above and entries <= _MAX_ENTRIES:
+        try:
+            scan = os.scandir(pending.pop())
+        except OSError:
+            continue
+        with scan:
+            for entry in scan:
+                entries += 1
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(entry.path)
+                    else:
+                        used += entry.stat(follow_symlinks=False).st_size
+                except OSError:
+                    pass
+    return used, entries
+
+
+def _copy_tree(src: Path, dst: Path, budget: int) -> None:
+    """Copy the regular files, directories and symlinks of ``src`` into ``dst``, at most ``budget`` bytes."""
+    left = [budget]
+
+    def copy_regular(source: str, target: str) -> None:
+        # Only regular files (a FIFO or device must not block or leak the copy), read without following
+        # symlinks, and never more than measured before: the worker might still be writing.
+        try:
+            fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return
+        with open(fd, "rb") as reader:
+            if not stat.S_ISREG(os.fstat(reader.fileno()).st_mode):
+                return
+            with open(target, "wb") as writer:
+                while chunk := reader.read(1 << 20):
+                    left[0] -= len(chunk)
+                    if left[0] < 0:
+                        raise SandboxError("the working directory grew while it was being copied")
+                    writer.write(chunk)
+        shutil.copymode(source, target)
+
+    shutil.copytree(src, dst, symlinks=True, dirs_exist_ok=True, copy_function=copy_regular)
 
 
 def _clear_dir(path: Path) -> None:
@@ -463,8 +446,8 @@ def _close_all() -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # The sandbox
 # ----------------------------------------------------------------------------------------------------------------
-class PythonSandbox:
-    """A persistent, isolated Python interpreter for CodeAct steps (see the module docstring).
+class PythonSandbox(PythonExecutor):
+    """A persistent, isolated Python interpreter for CodeAct steps (threat model: the package docstring).
 
     Args:
         tools: functions living in *this* process, callable from the sandbox under the same names. Arguments
@@ -476,11 +459,15 @@ class PythonSandbox:
         cpu_time_limit: CPU seconds one ``run`` may use (default: ``timeout`` rounded up, plus 1).
         allowed_imports: importable top-level modules; their public submodules are importable too.
         max_output_chars: printed output and values longer than this are cut in the middle, with a note.
+        disk_quota_mb: total size of the files of this sandbox and its forks; a run that goes past it ends with
+            an error observation (the sandbox restarts with an empty working directory), and a fork whose copy
+            would go past it raises :class:`SandboxError`.
     """
 
     def __init__(self, tools: dict[str, Callable[..., Any]] | None = None, *, timeout: float = 10.0,
                  memory_limit_mb: int = 1024, cpu_time_limit: float | None = None,
-                 allowed_imports: Iterable[str] = DEFAULT_ALLOWED_IMPORTS, max_output_chars: int = 20_000):
+                 allowed_imports: Iterable[str] = DEFAULT_ALLOWED_IMPORTS, max_output_chars: int = 20_000,
+                 disk_quota_mb: int = 256):
         tools = dict(tools or {})
         for name, fn in tools.items():
             if not (isinstance(name, str) and name.isidentifier() and not keyword.iskeyword(name)):
@@ -499,6 +486,8 @@ class PythonSandbox:
             raise ValueError("cpu_time_limit must be a positive number of seconds")
         if not (isinstance(max_output_chars, int) and 1 <= max_output_chars <= _MAX_OUTPUT_CHARS):
             raise ValueError(f"max_output_chars must be an int between 1 and {_MAX_OUTPUT_CHARS}")
+        if not (isinstance(disk_quota_mb, int) and disk_quota_mb >= 1):
+            raise ValueError("disk_quota_mb must be an int >= 1")
         if isinstance(allowed_imports, str):
             raise TypeError("allowed_imports must be an iterable of module names, not a string")
         allowed = tuple(dict.fromkeys(allowed_imports))
@@ -506,7 +495,7 @@ class PythonSandbox:
             if not (isinstance(name, str) and all(p.isidentifier() for p in name.split("."))):
                 raise ValueError(f"invalid module name in allowed_imports: {name!r}")
         self._setup(tools, float(timeout), memory_limit_mb, int(math.ceil(cpu_time_limit)), allowed,
-                    max_output_chars, _Lineage())
+                    max_output_chars, _Lineage(disk_quota_mb * 1024 * 1024))
         try:
             self._worker = self._spawn_worker()
         except BaseException:
@@ -514,7 +503,8 @@ class PythonSandbox:
             raise
 
     def _setup(self, tools: dict, timeout: float, memory_limit_mb: int, cpu_time_limit: int,
-               allowed: tuple[str, ...], max_output_chars: int, lineage: _Lineage) -> None:
+               allowed: tuple[str, ...], max_output_chars: int, lineage: _Lineage,
+               parent_home: Path | None = None, depth: int = 0) -> None:
         self._closed = True  # until fully set up, close() has nothing to undo
         self._tools = tools
         self._signatures: dict[str, inspect.Signature | None] = {}
@@ -527,7 +517,9 @@ class PythonSandbox:
         self._worker: _Worker | None = None
         self._lineage = lineage
         self._owner = os.getpid()
-        self.workdir: Path = lineage.new_workdir()
+        self._home = lineage.new_home(parent_home)
+        self._depth = depth  # forks between this sandbox and the first of its lineage
+        self.workdir: Path = self._home / "work"
         self._closed = False
         _live.add(self)
 
@@ -553,41 +545,51 @@ class PythonSandbox:
                 try:
                     self._worker = self._spawn_worker()
                 except SandboxError as exc:
-                    return Observation(text=f"Error:\nThe Python interpreter could not be started: {exc}", error=True)
+                    return Observation.from_parts(error_message=f"The Python interpreter could not be started: {exc}")
             worker = self._worker
             finished = False
             try:
                 deadline = time.monotonic() + self._timeout
+                self._check_quota()  # also what a worker may have written between runs
                 worker.chan.send(("run", code), deadline)
                 while True:
-                    message, fds = worker.chan.recv(deadline)
+                    message, fds = worker.chan.recv(deadline, watch=self._check_quota)
                     _close_fds(fds)
                     if isinstance(message, tuple) and len(message) == 4 and message[0] == "tool":
                         worker.chan.send(self._call_tool(*message[1:]), deadline)
                     elif isinstance(message, tuple) and len(message) == 2 and message[0] == "result":
-                        observation = self._observation(message[1])
+                        observation, stray_threads = self._observation(message[1])
+                        self._check_quota()
                         finished = True
+                        if stray_threads:
+                            self._discard_worker()
                         return observation
                     else:
                         raise protocol.ProtocolError("unexpected message")
+            except _QuotaExceeded:
+                finished = True
+                self._discard_worker()
+                _clear_dir(self.workdir)
+                return Observation.from_parts(error_message=(
+                    f"The files written exceed the disk quota ({self._lineage.quota_bytes // 2**20} MB or "
+                    f"{_MAX_ENTRIES:,} files for this sandbox and its copies); the interpreter was restarted and "
+                    "its variables and files are lost."))
             except _Timeout:
                 finished = True
                 self._discard_worker()
-                return Observation(
-                    text=(f"Error:\nExecution timed out after {self._timeout:g} s; the interpreter was restarted "
-                          "and its variables are lost."),
-                    error=True, timed_out=True)
+                return Observation.from_parts(error_message=(
+                    f"Execution timed out after {self._timeout:g} s; the interpreter was restarted and its "
+                    "variables are lost."), timed_out=True)
             except (EOFError, OSError, protocol.ProtocolError) as exc:
                 finished = True
                 if isinstance(exc, protocol.ProtocolError):
-                    reason = "it sent an invalid message"
+                    reason = f"it sent an invalid message: {str(exc)[:200]}"
                 else:
                     reason = worker.death_reason()
                 self._discard_worker()
-                return Observation(
-                    text=(f"Error:\nThe interpreter crashed ({reason}) while running this code; it was restarted "
-                          "and its variables are lost."),
-                    error=True)
+                return Observation.from_parts(error_message=(
+                    f"The interpreter crashed ({reason}) while running this code; it was restarted and its "
+                    "variables are lost."))
             finally:
                 if not finished:  # e.g. KeyboardInterrupt in the parent: the channel is out of step now
                     self._discard_worker()
@@ -596,14 +598,19 @@ class PythonSandbox:
         """An independent copy of this sandbox: same variables and imports, files copied, its own worker."""
         with self._lock:
             self._check_open()
+            if self._depth >= _MAX_FORK_DEPTH and self.protections.get("landlock_abi"):
+                raise SandboxError(f"cannot fork: forks of forks nest at most {_MAX_FORK_DEPTH} deep under Landlock")
+            size, _entries = _disk_usage(self.workdir, self._lineage.quota_bytes)
+            if self._lineage.over_quota(adding=size):
+                raise SandboxError(f"cannot fork: copying the working directory ({size / 2**20:.1f} MB) would exceed "
+                                   f"the disk quota of {self._lineage.quota_bytes // 2**20} MB")
             child = object.__new__(PythonSandbox)
             child._setup(self._tools, self._timeout, self._memory_limit_mb, self._cpu_time_limit, self._allowed,
-                         self._max_output_chars, self._lineage)
+                         self._max_output_chars, self._lineage, parent_home=self._home, depth=self._depth + 1)
             try:
-                shutil.copytree(self.workdir, child.workdir, symlinks=True, dirs_exist_ok=True,
-                                copy_function=_copy_regular)
+                _copy_tree(self.workdir, child.workdir, budget=size)
                 if self._worker is not None and self._worker.alive():
-                    child._worker = self._fork_worker(child.workdir)
+                    child._worker = self._fork_worker(child._home, child.workdir)
             except BaseException:
                 child.close()
                 raise
@@ -633,14 +640,15 @@ class PythonSandbox:
                 return  # a copy inherited by a forked process: the worker and files belong to the original
             self._discard_worker()
             shutil.rmtree(self.workdir, ignore_errors=True)
+            try:
+                self._home.rmdir()  # unless forks still live in it (the lineage's last close removes them)
+            except OSError:
+                pass
             self._lineage.release()
             _live.discard(self)
 
     def __enter__(self) -> "PythonSandbox":
         return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.close()
 
     def __del__(self) -> None:
         try:
@@ -653,6 +661,10 @@ class PythonSandbox:
         return f"<PythonSandbox {state} timeout={self._timeout:g}s>"
 
     # -- internals -----------------------------------------------------------------------------------------------
+    def _check_quota(self) -> None:
+        if self._lineage.over_quota():
+            raise _QuotaExceeded
+
     def _check_open(self) -> None:
         if self._closed:
             raise SandboxError("this sandbox is closed")
@@ -666,10 +678,10 @@ class PythonSandbox:
 
     def _config(self) -> dict[str, Any]:
         return {
-            "workdir": str(self.workdir), "fs_root": str(self._lineage.root), "sys_path": _worker_sys_path(),
+            "workdir": str(self.workdir), "home": str(self._home), "sys_path": _worker_sys_path(),
             "allowed_imports": list(self._allowed), "memory_limit_mb": self._memory_limit_mb,
             "cpu_time_limit": self._cpu_time_limit, "max_output_chars": self._max_output_chars,
-            "tools": sorted(self._tools), "max_file_bytes": _MAX_FILE_BYTES, "max_open_files": _MAX_OPEN_FILES,
+            "tools": sorted(self._tools), "max_file_bytes": min(_MAX_FILE_BYTES, self._lineage.quota_bytes), "max_open_files": _MAX_OPEN_FILES,
             "max_processes": _MAX_PROCESSES, "uid": secrets.randbelow(_UID_RANGE[1] - _UID_RANGE[0]) + _UID_RANGE[0],
         }
 
@@ -692,7 +704,9 @@ class PythonSandbox:
         worker = _Worker(_Channel(parent_sock), popen.pid, popen.pid, popen=popen)
         try:
             deadline = time.monotonic() + max(_STARTUP_TIMEOUT, self._timeout)
-            worker.chan.send(("config", self._config()), deadline)
+            key = protocol.new_key()
+            worker.chan.send(("config", {**self._config(), "key": key}), deadline)
+            worker.chan.key = key
             message, fds = worker.chan.recv(deadline)
             _close_fds(fds)
             if isinstance(message, tuple) and len(message) == 2 and message[0] == "init_error":
@@ -710,19 +724,21 @@ class PythonSandbox:
             worker.kill()
             raise
 
-    def _fork_worker(self, workdir: Path) -> _Worker | None:
-        """Ask our worker to fork a copy serving ``workdir``; None (and our worker restarted) on failure."""
+    def _fork_worker(self, home: Path, workdir: Path) -> _Worker | None:
+        """Ask our worker to fork a copy confined to ``home``, serving ``workdir``; None (and our worker
+        restarted) on failure."""
         worker = self._worker
         assert worker is not None
         deadline = time.monotonic() + max(_FORK_TIMEOUT, self._timeout)
         fds: list[int] = []
         chan: _Channel | None = None
         try:
-            worker.chan.send(("fork", str(workdir)), deadline)
+            worker.chan.send(("fork", (str(home), str(workdir))), deadline)
             message, fds = worker.chan.recv(deadline)
             if message != ("forked", {}) or len(fds) != 1:
                 raise protocol.ProtocolError("bad fork reply")
-            chan = _Channel(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=fds.pop()))
+            # the copy is a fork of our worker: it holds the same key, on a channel of its own
+            chan = _Channel(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=fds.pop()), worker.chan.key)
             hello, extra = chan.recv(deadline)
             _close_fds(extra)
             if not (isinstance(hello, tuple) and len(hello) == 2 and hello[0] == "hello" and isinstance(hello[1], dict)
@@ -770,9 +786,8 @@ class PythonSandbox:
         except Exception as exc:  # noqa: BLE001 - a failing tool is the code's problem, not the parent's
             return ("tool_result", False, "RuntimeError", f"Tool '{name}' failed with {type(exc).__name__}: {exc}")
         try:
-            plain = protocol.to_plain(result)
-            reply = ("tool_result", True, plain)
-            protocol.frame(reply)
+            reply = ("tool_result", True, protocol.to_plain(result))
+            protocol.frame(reply, b"", 0)  # refuses what the worker could not read back
             return reply
         except protocol.NotPlainData:
             text = str(result)
@@ -780,23 +795,26 @@ class PythonSandbox:
                 text = text[: protocol.MAX_FRAME_BYTES // 8]
             return ("tool_result", True, text)
 
-    def _observation(self, payload: Any) -> Observation:
+    def _observation(self, payload: Any) -> tuple[Observation, bool]:
         if not isinstance(payload, dict):
             raise protocol.ProtocolError("result is not a dict")
         printed, value, error = payload.get("printed"), payload.get("value"), payload.get("error")
         final, final_is_repr = payload.get("final"), payload.get("final_is_repr")
+        stray_threads = payload.get("stray_threads")
         optional_str = (str, type(None))
         if not (isinstance(printed, str) and isinstance(value, optional_str) and isinstance(error, optional_str)
-                and type(final) is bool and type(final_is_repr) is bool and (value is not None or error is not None)):
+                and type(final) is bool and type(final_is_repr) is bool and type(stray_threads) is bool
+                and (value is not None or error is not None)):
             raise protocol.ProtocolError("malformed result")
-        printed, value, error = _clean_text(printed), _clean_text(value), _clean_text(error)
         final_value = payload.get("final_value") if final else None
+        longest = self._max_output_chars + _CLIP_NOTE_CHARS  # what the worker's truncation can produce
+        if any(isinstance(text, str) and len(text) > longest for text in (printed, value, error, final_value)):
+            raise protocol.ProtocolError("result text longer than max_output_chars")
+        printed, value, error = _clean_text(printed), _clean_text(value), _clean_text(error)
         if isinstance(final_value, str):
             final_value = _clean_text(final_value)
-        logs = f"Execution logs:\n{printed}" + ("" if not printed or printed.endswith("\n") else "\n")
-        if error is not None:
-            text = (logs if printed else "") + f"Error:\n{error}"
-        else:
-            text = f"{logs}Last output from code snippet:\n{value}"
-        return Observation(text=text, error=error is not None, final_answer=final_value, has_final_answer=final,
-                           printed=printed)
+        if stray_threads:
+            error = (f"{error}\n" if error is not None else "") + (
+                "The code left threads running; the interpreter was restarted and its variables are lost.")
+        return Observation.from_parts(printed=printed, value=value, error_message=error, final_answer=final_value,
+                                      has_final_answer=final), stray_threads

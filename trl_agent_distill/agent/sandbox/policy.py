@@ -6,14 +6,16 @@ Three mechanisms, all inside the worker process:
    ``__builtins__`` ...), no private/dunder attributes except a few harmless ones (``__name__``,
    ``__init__`` ...), no frame/code/generator internals (``gi_frame``, ``tb_frame``, ``f_globals`` ...),
    no ``ctypes``/``cffi``/``mro`` attributes, and in class bodies only ordinary special methods (no
-   ``__getattr__``, ``__del__``, ``__reduce__``, ``__array_interface__`` ...). It then adds two runtime
-   guards: ``f(**d)`` checks the keys of ``d`` like written keywords, and ``x.__class__`` becomes the
+   ``__getattr__``, ``__del__``, ``__reduce__``, ``__array_interface__`` ...). It then adds three runtime
+   guards: ``f(**d)`` checks the keys of ``d`` like written keywords, ``x.__class__`` becomes the
    sandbox's ``type(x)``, which never returns a metaclass (metaclasses build classes with arbitrary
-   special attributes, e.g. an ``__array_interface__`` pointing anywhere in memory).
+   special attributes, e.g. an ``__array_interface__`` pointing anywhere in memory), and strings in
+   annotations must be type expressions (the standard library evaluates them itself).
 2. :func:`make_builtins` gives the code a reduced ``__builtins__``: ``__import__`` honours the import
    allow-list and hands out read-only *module views* (:class:`ModuleGate`) that hide private names,
    non-allowed modules, metaclasses and known-dangerous functions of allowed packages, and replace a few
-   objects by checked stand-ins (``numpy.ndarray``, ``functools.update_wrapper``/``wraps``);
+   objects by checked stand-ins (``functools.update_wrapper``/``wraps``, and every ``numpy.ndarray``
+   subclass however it is reached, judged by the arrays it builds);
    ``getattr``/``setattr``/``delattr``/``hasattr``/``vars``/``dir`` refuse names starting with ``_``;
    ``open`` only opens files inside the working directory; ``exec``/``eval`` validate their string like
    the snippet itself; ``globals()`` is a copy without dunder entries (no builtins dict, which holds the
@@ -29,7 +31,10 @@ sympy evaluates strings in several places (``sympify``, ``parse_expr``, ``lambdi
 are patched to validate the string and evaluate it with the sandbox's builtins, and its class factory
 ``Function(name, bases, namespace)`` refuses special attributes in the namespace.
 
-This module only uses the standard library; it is loaded by the worker script as a top-level module.
+Whenever policy code touches the code's objects (reading, hashing, iterating them), it does so through the
+isolated helpers below (``call_isolated``), never as the direct caller of what the code chose.
+
+This module only uses the standard library; the worker loads it from its file, outside the package.
 """
 
 from __future__ import annotations
@@ -116,7 +121,7 @@ DENIED_ATTRS = frozenset({
     "cr_origin", "cr_running", "ag_frame", "ag_code", "ag_await", "ag_running", "tb_frame", "tb_next",
     "tb_lasti", "f_globals", "f_locals", "f_builtins", "f_back", "f_code", "f_trace", "f_lasti",
     "func_globals", "func_code", "co_code", "co_consts", "co_names", "ctypes", "cffi",
-    "mro",  # a class's mro() lists the real classes behind guarded ones (see GUARDED_CLASSES)
+    "mro",  # a class's mro() lists the real classes behind guarded ones (see GUARDED_BASES)
 })
 
 # Keyword arguments refused in any call: numpy's ``ndarray.resize(refcheck=False)`` frees memory that other
@@ -144,18 +149,58 @@ DENIED_OBJECTS = (
 )
 
 
-def _guarded_class(real: type, check: Callable[..., None]) -> type:
+# --------------------------------------------------------------------------------------------------------------
+# Calling into sandboxed code from the policy
+# --------------------------------------------------------------------------------------------------------------
+# Whatever the policy does with an object of sandboxed code can run a callable of that code's choosing: dict()
+# calls ``keys()``, getattr() runs properties, hashing runs ``__hash__``, and a class attribute or a decorated
+# special method can be any *library* function. Some library functions act on their caller's frame (e.g.
+# ``sympy.var`` assigns into its caller's globals): called straight from a policy function, they would write
+# into this module's globals (and could replace ``check_attribute``). So every such operation goes through
+# these helpers, whose globals are an empty throwaway dict and whose builtins are empty: a library function
+# that reaches its caller's frame finds nothing there, and the helpers only use their own locals.
+_ISOLATED_SOURCE = """
+def call(fn, /, *args, **kwargs):
+    return fn(*args, **kwargs)
+
+def public_items(mapping, prefix, *, _dict=dict, _type=type, _issubclass=issubclass, _str=str):
+    return {key: value for key, value in _dict(mapping).items()
+            if not (_issubclass(_type(key), _str) and _str.startswith(key, prefix))}
+
+def merge(target, source, drop):
+    target.update(source)
+    target.pop(drop, None)
+"""
+
+
+def _isolated_helpers() -> types.SimpleNamespace:
+    namespace: dict[str, Any] = {"__builtins__": {"dict": dict, "type": type, "issubclass": issubclass, "str": str}}
+    exec(compile(_ISOLATED_SOURCE, "<sandbox-call>", "exec"), namespace)  # noqa: S102 - fixed source
+    helpers = types.SimpleNamespace(call=namespace["call"], public_items=namespace["public_items"],
+                                    merge=namespace["merge"])
+    namespace.clear()
+    namespace["__builtins__"] = {}
+    return helpers
+
+
+isolated = _isolated_helpers()
+call_isolated = isolated.call
+
+
+def _guarded_class(real: type, check: Callable[[Any], None]) -> type:
     """A stand-in for ``real`` whose instances *are* ``real`` instances (isinstance/issubclass work) but whose
-    construction goes through ``check`` first. Attributes are read from ``real``."""
+    construction hands the new object to ``check`` (which raises to refuse it) before the caller sees it.
+    Attributes are read from ``real``."""
 
     def __call__(cls: type, *args: Any, **kwargs: Any) -> Any:
-        check(*args, **kwargs)
-        return real(*args, **kwargs)
+        made = call_isolated(real, *args, **kwargs)
+        check(made)
+        return made
 
     meta = type("guarded_class", (type,), {
         "__call__": __call__,
-        "__instancecheck__": lambda cls, obj: isinstance(obj, real),
-        "__subclasscheck__": lambda cls, sub: issubclass(sub, real),
+        "__instancecheck__": lambda cls, obj: issubclass(type(obj), real),
+        "__subclasscheck__": lambda cls, sub: issubclass(type(sub), type) and issubclass(sub, real),
         "__getattr__": lambda cls, name: getattr(real, check_attribute(name)),
         "__repr__": lambda cls: repr(real),
     })
@@ -163,22 +208,28 @@ def _guarded_class(real: type, check: Callable[..., None]) -> type:
                                      "__doc__": real.__doc__})
 
 
-def _guard_ndarray(real: type) -> type:
+def _check_array(made: Any) -> None:
+    """Refuse an array with object items over memory it was handed (``ndarray(..., dtype=object, buffer=b)``,
+    ``recarray(..., buf=b)`` ...): its items would be raw bytes used as object pointers. Looked at after
+    construction, whatever class, subclass or alias built it; items are never read, and an array that does
+    not own its memory frees nothing, so dropping it is safe."""
     import numpy  # noqa: PLC0415 - only called once numpy is loaded
 
-    def check(shape: Any = None, dtype: Any = float, buffer: Any = None, *args: Any, **kwargs: Any) -> None:
-        if buffer is not None and numpy.dtype(dtype).hasobject:
-            raise FeatureBlocked("numpy.ndarray(...) over a raw buffer with an object dtype is not allowed in this "
-                                 "sandbox (the buffer's bytes would be used as object pointers).")
-
-    return _guarded_class(real, check)
+    if not issubclass(type(made), numpy.ndarray) or not made.dtype.hasobject:
+        return
+    base = made
+    while issubclass(type(base), numpy.ndarray) and not base.flags.owndata:
+        base = base.base
+    if not (issubclass(type(base), numpy.ndarray) and base.dtype.hasobject):
+        raise FeatureBlocked("An array with object items over a raw buffer is not allowed in this sandbox (the "
+                             "buffer's bytes would be used as object pointers).")
 
 
 def _guard_update_wrapper(real: Callable[..., Any]) -> Callable[..., Any]:
     import functools  # noqa: PLC0415
 
     def names(values: Any, defaults: tuple[str, ...]) -> tuple[str, ...]:
-        checked = tuple(_exact_str(v, "attribute name") for v in values)
+        checked = tuple(_exact_str(v, "attribute name") for v in call_isolated(tuple, values))
         for name in checked:
             if name.startswith("_") and name not in defaults:
                 raise AccessBlocked(f"functools.update_wrapper cannot copy the attribute '{name}' in this sandbox.")
@@ -186,8 +237,8 @@ def _guard_update_wrapper(real: Callable[..., Any]) -> Callable[..., Any]:
 
     def update_wrapper(wrapper: Any, wrapped: Any, assigned: Any = functools.WRAPPER_ASSIGNMENTS,
                        updated: Any = functools.WRAPPER_UPDATES) -> Any:
-        return real(wrapper, wrapped, names(assigned, functools.WRAPPER_ASSIGNMENTS),
-                    names(updated, functools.WRAPPER_UPDATES))
+        return call_isolated(real, wrapper, wrapped, names(assigned, functools.WRAPPER_ASSIGNMENTS),
+                             names(updated, functools.WRAPPER_UPDATES))
 
     update_wrapper.__doc__ = real.__doc__
     return update_wrapper
@@ -208,10 +259,14 @@ def _guard_wraps(real: Callable[..., Any]) -> Callable[..., Any]:
 
 # Objects handed to sandboxed code as a checked stand-in ("module:attribute" -> factory(real object)).
 REPLACEMENTS: dict[str, Callable[[Any], Any]] = {
-    "numpy:ndarray": _guard_ndarray,
     # copying attributes by caller-chosen names would set e.g. __array_interface__ on an object
     "functools:update_wrapper": _guard_update_wrapper,
     "functools:wraps": _guard_wraps,
+}
+# Classes whose every subclass is handed out as a checked stand-in ("module:class" -> check of new instances),
+# wherever sandboxed code gets the class from: a module, type(), __class__, or a generic alias's origin.
+GUARDED_BASES: dict[str, Callable[[Any], None]] = {
+    "numpy:ndarray": _check_array,
 }
 
 # Functions of these modules give processes, files, frames or native code; allowed packages that
@@ -232,7 +287,7 @@ _DANGEROUS_BUILTINS = {id(getattr(_builtins, n)) for n in _DANGEROUS_BUILTIN_NAM
 
 def _exact_str(value: Any, what: str = "name") -> str:
     """An exact ``str`` copy of ``value`` (a ``str`` subclass could lie through overridden methods)."""
-    if not isinstance(value, str):
+    if not issubclass(type(value), str):
         raise TypeError(f"{what} must be a string, not {type(value).__name__}")
     return str.__str__(value)
 
@@ -357,6 +412,7 @@ class _Validator(ast.NodeVisitor):
 # and no builtins dict is ever reachable from it, so they cannot be replaced).
 KWARGS_GUARD = "__sandbox_kwargs__"
 TYPE_GUARD = "__sandbox_type__"
+ANNOTATION_GUARD = "__sandbox_annotation__"
 
 
 def _call(name: str, arg: ast.expr) -> ast.Call:
@@ -366,7 +422,10 @@ def _call(name: str, arg: ast.expr) -> ast.Call:
 class _Guards(ast.NodeTransformer):
     """``f(**d)`` -> ``f(**__sandbox_kwargs__(d))``: keyword names from a dict are checked like written ones
     (dunder names would let library class factories build classes with arbitrary special attributes).
-    ``x.__class__`` -> ``__sandbox_type__(x)``: the sandbox's type(), never a metaclass."""
+    ``x.__class__`` -> ``__sandbox_type__(x)``: the sandbox's type(), never a metaclass.
+    Annotations ``a: T`` -> ``a: __sandbox_annotation__(T)``: strings in them must be type expressions (the
+    standard library evaluates annotation strings itself, e.g. ``typing.get_type_hints``, outside any
+    check; with ``from __future__ import annotations`` the stored string holds the guard call)."""
 
     def _guard_kwargs(self, node: ast.Call | ast.ClassDef) -> ast.AST:
         self.generic_visit(node)
@@ -375,7 +434,27 @@ class _Guards(ast.NodeTransformer):
                 kw.value = _call(KWARGS_GUARD, kw.value)
         return node
 
-    visit_Call = visit_ClassDef = _guard_kwargs
+    visit_Call = _guard_kwargs
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> ast.AST:
+        return self._guard_kwargs(node)
+
+    def _guard_annotations(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> ast.AST:
+        self.generic_visit(node)
+        params = node.args
+        for arg in (*params.posonlyargs, *params.args, *params.kwonlyargs, params.vararg, params.kwarg):
+            if arg is not None and arg.annotation is not None:
+                arg.annotation = _call(ANNOTATION_GUARD, arg.annotation)
+        if node.returns is not None:
+            node.returns = _call(ANNOTATION_GUARD, node.returns)
+        return node
+
+    visit_FunctionDef = visit_AsyncFunctionDef = _guard_annotations
+
+    def visit_AnnAssign(self, node: ast.AnnAssign) -> ast.AST:
+        self.generic_visit(node)
+        node.annotation = _call(ANNOTATION_GUARD, node.annotation)
+        return node
 
     def visit_Attribute(self, node: ast.Attribute) -> ast.AST:
         self.generic_visit(node)
@@ -386,13 +465,51 @@ class _Guards(ast.NodeTransformer):
 
 def check_kwargs(mapping: Any) -> dict:
     """The runtime half of :class:`_GuardKwargs` (takes a snapshot, so the checked keys are the used ones)."""
-    plain = dict(mapping)
+    plain = call_isolated(dict, mapping)
     for key in plain:
-        if isinstance(key, str):
+        if issubclass(type(key), str):
             name = str.__str__(key)
             if name.startswith("__") or name in DENIED_KEYWORDS:
                 raise SandboxViolation(f"The keyword argument '{name}' is not allowed in this sandbox.")
     return plain
+
+
+# What a string in an annotation may contain: a type expression, e.g. 'int', 'np.ndarray', 'list[Node] | None'.
+_TYPE_EXPRESSION_NODES = (ast.Expression, ast.Name, ast.Attribute, ast.Subscript, ast.Tuple, ast.List, ast.Constant,
+                          ast.BinOp, ast.BitOr, ast.Load, ast.Slice)
+
+
+def check_annotation(value: Any) -> Any:
+    """The runtime half of the annotation guard: refuses strings (also inside generic aliases such as
+    ``list['...']``) that are not plain type expressions. Returns ``value``."""
+    pending, seen = [value], 0
+    while pending:
+        item = pending.pop()
+        seen += 1
+        if seen > 1000:
+            raise SandboxViolation("This annotation is too large for this sandbox.")
+        kind = type(item)
+        if issubclass(kind, str):
+            _check_type_expression(str.__str__(item))
+        elif kind is types.GenericAlias or kind is types.UnionType:
+            pending.extend(item.__args__)
+        elif kind in (tuple, list):
+            pending.extend(item)
+    return value
+
+
+def _check_type_expression(text: str) -> None:
+    refused = SandboxViolation(f"The annotation {text[:100]!r} is not allowed in this sandbox: string annotations "
+                               "must be type expressions (names, attributes, subscripts, '|').")
+    try:
+        tree = ast.parse(text.strip(), "<annotation>", "eval")
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        raise refused from None
+    for node in ast.walk(tree):
+        if not isinstance(node, _TYPE_EXPRESSION_NODES) or (isinstance(node, ast.BinOp) and
+                                                             not isinstance(node.op, ast.BitOr)):
+            raise refused
+    validate(tree)
 
 
 def prepare(tree: ast.Module | ast.Expression) -> ast.AST:
@@ -416,8 +533,8 @@ def check_code_object(code: types.CodeType) -> None:
 
 def compile_checked(source: Any, filename: str, mode: str) -> types.CodeType:
     """Parse, validate and compile a string the sandboxed code wants to run."""
-    if isinstance(source, (bytes, bytearray)):
-        source = bytes(source).decode("utf-8")
+    if issubclass(type(source), (bytes, bytearray)):
+        source = bytes.decode(bytes(memoryview(source)), "utf-8")
     source = _exact_str(source, "source")
     return compile(prepare(ast.parse(source, filename, mode)), filename, mode)
 
@@ -442,6 +559,8 @@ class ModuleGate:
         self._on_import = on_import
         self._denied_ids: set[int] = set()
         self._replacements: dict[int, Any] = {}
+        self._guarded_bases: list[tuple[type, Callable[[Any], None]]] = []
+        self._stand_ins: dict[int, type] = {}
         self._keep: list[Any] = []  # keeps resolved objects alive, so their ids stay theirs
         self._resolved: set[str] = set()
         self._modules_seen = -1
@@ -472,6 +591,8 @@ class ModuleGate:
             return None
         if level:
             raise ImportBlocked("Relative imports are not allowed in this sandbox.")
+        if type(fromlist) not in (tuple, list, type(None)):  # the interpreter's own: never the code's iterable
+            raise TypeError("fromlist must be a tuple or list of names")
         root = name.partition(".")[0]
         if root not in self._roots:
             raise self._not_allowed(name)
@@ -555,32 +676,56 @@ class ModuleGate:
         refused = AccessBlocked(f"'{qualified}' is not available in this sandbox.")
         if key in self._denied_ids or key in _DANGEROUS_BUILTINS:
             raise refused
-        if isinstance(value, type) and issubclass(value, type):
-            raise refused  # a metaclass builds classes with arbitrary special attributes
+        if issubclass(type(value), type):
+            if issubclass(value, type):
+                raise refused  # a metaclass builds classes with arbitrary special attributes
+            return self._stand_in(value) or value
+        if type(value) is types.GenericAlias:  # e.g. numpy.typing.NDArray: calling it calls its origin
+            origin = value.__origin__
+            stand_in = self._stand_in(origin) if issubclass(type(origin), type) else None
+            if stand_in is not None:
+                return types.GenericAlias(stand_in, value.__args__)
         if callable(value):
             try:
-                origin = getattr(value, "__module__", None)
+                origin = call_isolated(getattr, value, "__module__", None)
             except Exception:  # noqa: BLE001 - an object that cannot even say where it comes from
                 raise refused from None
-            if isinstance(origin, str) and (origin.partition(".")[0] in DANGEROUS_ROOTS or any(
+            if issubclass(type(origin), str) and (origin.partition(".")[0] in DANGEROUS_ROOTS or any(
                     origin == d or origin.startswith(d + ".") for d in DENIED_MODULES)):
                 raise refused
+            if self._stand_in(call_isolated(getattr, value, "__origin__", None)) is not None:
+                raise refused  # another kind of alias of a guarded class
         return value
 
     def class_of(self, obj: Any) -> type:
         """``type(obj)`` for sandboxed code: never a metaclass, and guarded stand-ins for guarded classes."""
-        if isinstance(obj, type):
+        cls = type(obj)
+        if issubclass(cls, type):
             raise FeatureBlocked("The type of a class (a metaclass) is not available in this sandbox.")
         self._refresh()
-        cls = type(obj)
-        return self._replacements.get(id(cls), cls)
+        return self._replacements.get(id(cls)) or self._stand_in(cls) or cls
+
+    def _stand_in(self, cls: Any) -> type | None:
+        """The checked stand-in of a class derived from a GUARDED_BASES class (by behaviour: any subclass)."""
+        if not issubclass(type(cls), type):
+            return None
+        self._refresh()
+        for base, check in self._guarded_bases:
+            if issubclass(cls, base):
+                stand_in = self._stand_ins.get(id(cls))
+                if stand_in is None:
+                    self._keep.append(cls)
+                    stand_in = self._stand_ins[id(cls)] = _guarded_class(cls, check)
+                return stand_in
+        return None
 
     def _refresh(self) -> None:
-        """Resolve DENIED_OBJECTS and REPLACEMENTS whose modules have been imported since the last call."""
+        """Resolve DENIED_OBJECTS, REPLACEMENTS and GUARDED_BASES whose modules have been imported since the
+        last call."""
         if len(sys.modules) == self._modules_seen:
             return
         self._modules_seen = len(sys.modules)
-        for spec in (*DENIED_OBJECTS, *REPLACEMENTS):
+        for spec in (*DENIED_OBJECTS, *REPLACEMENTS, *GUARDED_BASES):
             if spec in self._resolved:
                 continue
             mod_name, _, attr = spec.partition(":")
@@ -591,6 +736,8 @@ class ModuleGate:
             self._keep.append(real)
             if spec in REPLACEMENTS:
                 self._replacements[id(real)] = REPLACEMENTS[spec](real)
+            elif spec in GUARDED_BASES:
+                self._guarded_bases.append((real, GUARDED_BASES[spec]))
             else:
                 self._denied_ids.add(id(real))
             self._resolved.add(spec)
@@ -634,29 +781,31 @@ def make_builtins(*, gate: ModuleGate, open_file: Callable[..., Any], user_globa
     for name, message in _REFUSED_BUILTINS.items():
         env[name] = _refuser(name, message)
 
+    # Everything below that touches the code's objects does so through the isolated helpers (see
+    # _ISOLATED_SOURCE): the code chooses what runs when its objects are read, hashed or iterated.
     def getattr_(obj: Any, name: Any, *default: Any) -> Any:
         name = check_attribute(name)
         if name == "__class__":
             return gate.class_of(obj)
-        return getattr(obj, name, *default)
+        return call_isolated(getattr, obj, name, *default)
 
     def hasattr_(obj: Any, name: Any) -> bool:
-        return hasattr(obj, check_attribute(name))
+        return call_isolated(hasattr, obj, check_attribute(name))
 
     def setattr_(obj: Any, name: Any, value: Any) -> None:
-        setattr(obj, check_attribute(name, store=True), value)
+        call_isolated(setattr, obj, check_attribute(name, store=True), value)
 
     def delattr_(obj: Any, name: Any) -> None:
-        delattr(obj, check_attribute(name, store=True))
+        call_isolated(delattr, obj, check_attribute(name, store=True))
 
     def dir_(*args: Any) -> list[str]:
-        names = dir(*args) if args else list(user_globals)
-        return sorted(n for n in names if isinstance(n, str) and not n.startswith("_"))
+        names = call_isolated(dir, *args) if args else list(user_globals)
+        return sorted(str.__str__(n) for n in names if issubclass(type(n), str) and not str.startswith(n, "_"))
 
     def vars_(*args: Any) -> dict:
         if not args:
             raise FeatureBlocked("vars() without an argument is not available in this sandbox; use globals().")
-        return {k: v for k, v in vars(*args).items() if not (isinstance(k, str) and k.startswith("_"))}
+        return isolated.public_items(call_isolated(vars, *args), "_")
 
     def type_(*args: Any, **kwargs: Any) -> type:
         if len(args) != 1 or kwargs:
@@ -667,7 +816,7 @@ def make_builtins(*, gate: ModuleGate, open_file: Callable[..., Any], user_globa
     def globals_() -> dict:
         # A copy without the dunder entries: no sandboxed code may hold a builtins dict (it holds the
         # runtime guards), and assigning into the copy does not create variables.
-        return {k: v for k, v in user_globals.items() if not (isinstance(k, str) and k.startswith("__"))}
+        return isolated.public_items(user_globals, "__")
 
     def run_in(code: types.CodeType, run: Callable[..., Any], g: Any, locals: Any) -> Any:
         if g is None:
@@ -676,20 +825,21 @@ def make_builtins(*, gate: ModuleGate, open_file: Callable[..., Any], user_globa
             raise TypeError("globals must be a dict")
         # The caller's dict is copied in and out rather than used directly, so that the builtins
         # installed for the code never become reachable through it.
-        namespace = {k: v for k, v in g.items() if k != "__builtins__"}
+        namespace: dict[str, Any] = {}
+        isolated.merge(namespace, g, "__builtins__")
         namespace["__builtins__"] = make_builtins(gate=gate, open_file=open_file, user_globals=user_globals)
         try:
             return run(code, namespace, locals)
         finally:
-            namespace.pop("__builtins__", None)
-            g.update(namespace)
+            namespace.pop("__builtins__", None)  # an exact str key: found by identity, no comparison runs
+            isolated.merge(g, namespace, "__builtins__")
 
     def exec_(source: Any, globals: Any = None, locals: Any = None) -> None:
         run_in(compile_checked(source, "<string>", "exec"), exec, globals, locals)
 
     def eval_(source: Any, globals: Any = None, locals: Any = None) -> Any:
-        if isinstance(source, str):
-            source = source.strip(" \t")
+        if issubclass(type(source), str):
+            source = str.strip(source, " \t")
         return run_in(compile_checked(source, "<string>", "eval"), eval, globals, locals)
 
     for name, fn in (("getattr", getattr_), ("hasattr", hasattr_), ("setattr", setattr_), ("delattr", delattr_),
@@ -702,6 +852,7 @@ def make_builtins(*, gate: ModuleGate, open_file: Callable[..., Any], user_globa
     env["__build_class__"] = _builtins.__build_class__
     env[KWARGS_GUARD] = check_kwargs
     env[TYPE_GUARD] = gate.class_of
+    env[ANNOTATION_GUARD] = check_annotation
     return env
 
 
@@ -713,17 +864,17 @@ def make_open(get_workdir: Callable[[], str]) -> Callable[..., Any]:
              newline: Any = None, closefd: bool = True, opener: Any = None) -> Any:
         if opener is not None:
             raise FileAccessBlocked("open() with a custom opener is not allowed in this sandbox.")
-        if isinstance(file, (bytes, bytearray)):
-            file = bytes(file).decode("utf-8", "surrogateescape")
-        if not isinstance(file, str):
+        if issubclass(type(file), (bytes, bytearray)):
+            file = bytes.decode(bytes(memoryview(file)), "utf-8", "surrogateescape")
+        if not issubclass(type(file), str):
             raise FileAccessBlocked("open() only accepts file paths (str) in this sandbox.")
         file = str.__str__(file)
         resolved = inside_dir(file, get_workdir())
         if resolved is None:
             raise FileAccessBlocked(f"Access to '{file}' is not allowed: "
                                     "only files inside the working directory can be opened.")
-        return real_open(resolved, str.__str__(mode) if isinstance(mode, str) else mode, buffering, encoding,
-                         errors, newline)
+        return call_isolated(real_open, resolved, str.__str__(mode) if issubclass(type(mode), str) else mode,
+                             buffering, encoding, errors, newline)
 
     return open
 
@@ -749,13 +900,15 @@ def patch_sympy(gate: ModuleGate, builtins_factory: Callable[[], dict]) -> None:
 
     def safe_namespace(namespace: dict) -> dict:
         clean = {}
-        for key, value in namespace.items():
-            if not isinstance(key, str) or key.startswith("__"):
+        for key, value in isolated.public_items(namespace, "__").items():
+            if not issubclass(type(key), str):
                 continue
+            key = str.__str__(key)
             if value is _builtins:  # lambdify prints e.g. `builtins.sum(...)`: give it the sandbox's builtins
                 value = types.SimpleNamespace(**{k: v for k, v in builtins_factory().items() if not k.startswith("_")})
-            elif isinstance(value, types.ModuleType):
-                if gate.module_refusal(getattr(value, "__name__", "")) is not None:
+            elif issubclass(type(value), types.ModuleType):
+                name = call_isolated(getattr, value, "__name__", "")
+                if not issubclass(type(name), str) or gate.module_refusal(str.__str__(name)) is not None:
                     continue
                 value = gate.view(value)
             else:
@@ -768,7 +921,7 @@ def patch_sympy(gate: ModuleGate, builtins_factory: Callable[[], dict]) -> None:
         return clean
 
     def _checked(code: Any, mode: str, filename: str) -> types.CodeType:
-        if isinstance(code, types.CodeType):
+        if type(code) is types.CodeType:
             check_code_object(code)
             return code
         return compile_checked(code, filename, mode)
@@ -797,16 +950,16 @@ def patch_sympy(gate: ModuleGate, builtins_factory: Callable[[], dict]) -> None:
         args = list(args)
         namespace = args[1] if len(args) > 1 else kwargs.get("__dict__")
         if namespace is not None:
-            if not isinstance(namespace, dict):
+            if not issubclass(type(namespace), dict):
                 raise TypeError("the namespace of a Function class must be a dict")
-            namespace = dict(dict.items(namespace))  # the real entries, whatever a subclass claims
+            namespace = call_isolated(dict, dict.items(namespace))  # the real entries, whatever a subclass claims
             if len(args) > 1:
                 args[1] = namespace
             else:
                 kwargs["__dict__"] = namespace
         for key in (*(namespace or {}), *(k for k in kwargs if k != "__dict__")):
-            if isinstance(key, str) and key.startswith("__"):
-                raise SandboxViolation(f"The class attribute '{key}' is not allowed in this sandbox.")
+            if issubclass(type(key), str) and str.startswith(key, "__"):
+                raise SandboxViolation(f"The class attribute '{str.__str__(key)}' is not allowed in this sandbox.")
         return real_new(mcl, name, *args, **kwargs)
 
     undefined_function.__new__ = staticmethod(guarded_new)
@@ -905,20 +1058,21 @@ def make_audit_hook(*, get_workdir: Callable[[], str], read_roots: Iterable[str]
     def check(event: str, args: tuple) -> None:
         if event == "open":
             path, mode, flags = (tuple(args) + (None, None, None))[:3]
-            write = (isinstance(mode, str) and any(c in str.__str__(mode) for c in "wax+")) or (
-                isinstance(flags, int) and bool(int.__int__(flags) & _WRITE_FLAGS))
+            write = (issubclass(type(mode), str) and any(c in str.__str__(mode) for c in "wax+")) or (
+                issubclass(type(flags), int) and bool(int.__int__(flags) & _WRITE_FLAGS))
             if not path_ok(path, write) and not trusted_on_stack():
-                shown = path if isinstance(path, (str, bytes, int)) else type(path).__name__
+                shown = _path_arg(path) or (int.__int__(path) if issubclass(type(path), int) else "a file")
                 raise FileAccessBlocked(f"Access to {shown!r} is not allowed: only files inside the working "
                                         "directory can be written, and only those and Python's own files read.")
             return
         if event == "import":
-            name = args[0] if args and isinstance(args[0], str) else ""
+            name = str.__str__(args[0]) if args and issubclass(type(args[0]), str) else ""
             if name.partition(".")[0] in _DENIED_IMPORTS and not trusted_on_stack():
                 raise ImportBlocked(f"Import of '{name}' is not allowed in this sandbox.")
             return
         if event == "object.__getattr__":
-            if len(args) > 1 and args[1] in _FRAME_ATTRS and caller_kind(3) == "user":
+            name = str.__str__(args[1]) if len(args) > 1 and issubclass(type(args[1]), str) else ""
+            if name in _FRAME_ATTRS and caller_kind(3) == "user":
                 raise AccessBlocked(f"Access to the attribute '{args[1]}' is not allowed in this sandbox.")
             return
         if event in _LIBRARY_ONLY_EVENTS or event.startswith(_LIBRARY_ONLY_PREFIXES):
@@ -962,10 +1116,10 @@ def _runtime_compiled(filename: str) -> bool:
 
 def _path_arg(raw: Any) -> str | None:
     """An exact str path from an audit-event argument, or None (file descriptors, odd types)."""
-    if isinstance(raw, str):
+    if issubclass(type(raw), str):
         return str.__str__(raw)
-    if isinstance(raw, (bytes, bytearray)):
-        return os.fsdecode(bytes(raw))
+    if issubclass(type(raw), (bytes, bytearray)):
+        return os.fsdecode(bytes(memoryview(raw)))
     if raw is None:
         return "."
     return None

@@ -17,7 +17,8 @@ mechanism is applied when the kernel offers it and reported otherwise, so that t
 * Landlock (Linux >= 5.13, used up to ABI 6): the file system becomes read-only except for the
   sandbox's directory, readable only where Python and its shared libraries live; TCP bind/connect is
   refused (ABI >= 4); signals and abstract Unix sockets cannot reach processes outside the sandbox
-  (ABI >= 6).
+  (ABI >= 6). Each fork stacks one more layer, narrowed to its own directory, and first rebinds the
+  descriptors it inherited (:func:`rebind_descriptors`), since Landlock checks paths when they are opened.
 
 Only the standard library is used (ctypes for the syscalls and prctl calls Python does not wrap).
 """
@@ -29,6 +30,7 @@ import errno
 import os
 import platform
 import resource
+import stat
 import struct
 from typing import Iterable
 
@@ -375,3 +377,58 @@ def _add_path_rule(ruleset: int, path: str, rights: int) -> bool:
                         ctypes.c_int(_LANDLOCK_RULE_PATH_BENEATH), ctypes.byref(rule), ctypes.c_uint32(0)) == 0
     finally:
         os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Descriptors inherited by a forked copy
+# --------------------------------------------------------------------------------------------------------------
+def rebind_descriptors(old_dir: str, new_dir: str, keep: Iterable[int], max_fd: int) -> int:
+    """In a forked copy, point inherited descriptors away from the original's files. Returns how many moved.
+
+    Landlock checks a path when it is opened, not each write through a descriptor already open, so a copy
+    must not keep the original's open files: a descriptor on a file under ``old_dir`` is reopened on the
+    copied file under ``new_dir`` (same access mode and offset, same number, so open file objects keep
+    working on the copy's own files); any other descriptor that can write (pipes, sockets, files elsewhere)
+    is replaced by a read-only /dev/null. Descriptors in ``keep`` and read-only files outside ``old_dir``
+    (the libraries' own files) stay as they are.
+    """
+    import fcntl  # noqa: PLC0415 - only forked copies need it
+
+    copies: dict[tuple[int, int], str] = {}
+    for dirpath, _dirnames, filenames in os.walk(old_dir):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                copies[(st.st_dev, st.st_ino)] = os.path.relpath(path, old_dir)
+    keep = set(keep)
+    moved = 0
+    for fd in range(3, max_fd):
+        if fd in keep:
+            continue
+        try:
+            st = os.fstat(fd)
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        except OSError:
+            continue  # not open
+        if stat.S_ISDIR(st.st_mode):
+            continue  # creating files through a directory descriptor is checked by Landlock like a path
+        relative = copies.get((st.st_dev, st.st_ino)) if stat.S_ISREG(st.st_mode) else None
+        read_only = flags & os.O_ACCMODE == os.O_RDONLY
+        if relative is None and read_only and stat.S_ISREG(st.st_mode):
+            continue
+        try:
+            if relative is None:
+                raise FileNotFoundError(relative)
+            replacement = os.open(os.path.join(new_dir, relative),
+                                  (flags & (os.O_ACCMODE | os.O_APPEND)) | os.O_NOFOLLOW | os.O_CLOEXEC)
+            os.lseek(replacement, os.lseek(fd, 0, os.SEEK_CUR), os.SEEK_SET)
+        except OSError:
+            replacement = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        os.dup2(replacement, fd, inheritable=False)
+        os.close(replacement)
+        moved += 1
+    return moved
