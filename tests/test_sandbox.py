@@ -123,7 +123,8 @@ def test_the_sandbox_is_an_executor_with_structured_results(sandbox):
 
 
 def test_final_answers_the_host_would_refuse_come_back_as_their_repr(sandbox):
-    for code, start in [("final_answer(list(range(2_000_000)))", "[0, 1, 2"),  # more items than a frame may hold
+    items = protocol.MAX_ITEMS + 1  # just more items than a frame may hold: the worker's repr of them must fit TIMEOUT
+    for code, start in [(f"final_answer(list(range({items})))", "[0, 1, 2"),
                         ("import decimal\nfinal_answer(decimal.Decimal('sNaN'))", "Decimal('sNaN')"),
                         ("final_answer(2 ** 20_000)", "<unprintable int")]:
         obs = sandbox.run(code)
