@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from trl_agent_distill.agent.sandbox import Observation
 from trl_agent_distill.formats import (
     ALFWorldFormat,
-    CodeAction,
     CodeActFormat,
+    CodeAction,
     ParsedReply,
     ParseError,
     ReActFormat,
@@ -37,7 +37,8 @@ _MARKER_AT_LINE_START = re.compile(
 _PROSE_ALPHABET = string.ascii_letters + string.digits + " .,;:!?'\"()[]{}=+-*/%#&|_<>"
 prose_line = st.text(_PROSE_ALPHABET, min_size=1, max_size=40).filter(
     # `<code>` anywhere opens a code block for `parse` (not only at a line start, as for `segment`).
-    lambda line: not _MARKER_AT_LINE_START.match(line) and all(tag not in line for tag in ("<code>", "<end_code>", "</think>"))
+    lambda line: not _MARKER_AT_LINE_START.match(line)
+    and all(tag not in line for tag in ("<code>", "<end_code>", "</think>"))
 )
 prose = st.lists(prose_line, min_size=1, max_size=3).map("\n".join)
 one_line = prose_line.map(str.strip).filter(bool)

@@ -253,7 +253,8 @@ def _token_level_transcript(text: str) -> list[Span]:
         style = detect_style(text)
     except NoAgentMarkersError:
         return [Span("act", 0, len(text))]
-    cuts = [(span.start, "act" if span.kind in STEP_KINDS else span.kind) for span in _segment(text, style, assistant=False)]
+    spans = _segment(text, style, assistant=False)
+    cuts = [(span.start, "act" if span.kind in STEP_KINDS else span.kind) for span in spans]
     return spans_from_cuts(cuts, len(text))
 
 

@@ -33,7 +33,6 @@ from ..formats import (
     ReActFormat,
     ToolCall,
     ToolError,
-    describe_tool,  # noqa: F401 (part of this module's API since before the formats)
 )
 from ..metrics import normalize_answer
 from .backends import Completion, GenerationBackend, GenerationRequest, SamplingParams
@@ -389,7 +388,8 @@ class CodeActAgent(Agent):
     def _step(self, content: str, observation: Observation) -> _Step:
         if observation.has_final_answer:
             return _Step(content=content, final_answer=observation.final_answer, done=True)
-        return _Step(content=content, observation=self.format.observation_text(observation), tool_error=observation.error)
+        text = self.format.observation_text(observation)
+        return _Step(content=content, observation=text, tool_error=observation.error)
 
 
 # ---------------------------------------------------------------------------------------------- ReAct
