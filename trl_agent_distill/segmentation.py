@@ -2,10 +2,12 @@
 
 Structured Agent Distillation weighs the distillation loss separately on an agent's reasoning ("Thought: ...")
 and on its actions ("Action: Search[...]", code, the final answer), and trains neither on observations nor on the
-prompt. This module finds those regions with simple line-based rules per trajectory format: ReAct (HotPotQA,
-WebShop), ALFWorld and smolagents CodeAct. It works on characters, not tokens, so the rules do not depend on a
-tokenizer or a chat template; `chat_template` paints them onto the rendered conversation as one code per character
-(`UNTRAINED`, `REASON`, `ACT`) and the collator maps those onto tokens through the offset mapping.
+prompt. This module finds those regions with the line-based rules of each trajectory format (the objects of
+`trl_agent_distill.formats`, which the agent loops speak through: ReAct for HotPotQA and WebShop, ALFWorld,
+smolagents CodeAct), and adds what is common to all of them: style detection, chat messages, think blocks. It
+works on characters, not tokens, so the rules do not depend on a tokenizer or a chat template; `chat_template`
+paints them onto the rendered conversation as one code per character (`UNTRAINED`, `REASON`, `ACT`) and the
+collator maps those onto tokens through the offset mapping.
 
 An assistant's reasoning is REASON wherever it is written: a leading `<think>...</think>` block in its content (Qwen3,
 SmolLM3, DeepSeek-R1), a reasoning field (`reasoning_content`, `thinking`), or prose before its first step marker.
@@ -18,9 +20,21 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 
-SPAN_KINDS = ("reason", "act", "obs", "other")
+from .formats import ALFWorldFormat, CodeActFormat, ReActFormat, TrajectoryFormat
+from .spans import (  # noqa: F401 (Span and the errors are part of this module's API)
+    SPAN_KINDS,
+    STEP_KINDS,
+    NoAgentMarkersError,
+    Span,
+    TrajectoryFormatError,
+    merged_spans,
+    spans_from_cuts,
+)
+
+# The formats segmentation reads, in the order `auto` tries them: CodeAct first, as its `Thought:` lines would also
+# pass for ReAct.
+FORMATS: dict[str, TrajectoryFormat] = {fmt.name: fmt for fmt in (CodeActFormat(), ReActFormat(), ALFWorldFormat())}
 STYLES = ("auto", "react", "alfworld", "codeact", "none")
 ROLES = ("system", "user", "assistant", "tool", "observation", "ipython")
 # The names chat templates read an assistant's reasoning from (transformers fills each from the others).
@@ -32,109 +46,17 @@ _KIND_CODES = {"reason": REASON, "act": ACT}
 
 # Only the assistant's own text is segmented; every other role is one span of a fixed kind.
 _ROLE_KINDS = {"system": "other", "user": "other", "tool": "obs", "observation": "obs", "ipython": "obs"}
-_STEP_KINDS = ("reason", "act")
 
 # Everything up to the first `</think>` is reasoning, with or without its `<think>` (DeepSeek-R1's generation prompt
 # already holds it), as the Qwen3 and DeepSeek templates split it.
 _THINK_BLOCK = re.compile(r"(?:[^<]|<(?!/think>))*</think>")
 _CONVERTER_HINT = "for smolagents rows use trl_agent_distill.data.from_smolagents_log"
 
-# ReAct (HotPotQA / WebShop): `Thought 3:`, `Action:`, `Observation 2:` at a line start, step numbers optional.
-# WebShop's `Action: think[...]` is reasoning written as an action; a bare `Finish[...]` line is the final answer.
-_REACT_MARKER = re.compile(
-    r"^[ \t]*(?:(?P<name>thought|action|observation)[ \t]*\d*[ \t]*:(?P<think>(?=[ \t]*think[ \t]*\[))?"
-    r"|(?P<finish>finish[ \t]*\[))",
-    re.IGNORECASE | re.MULTILINE,
-)
-_REACT_KINDS = {"thought": "reason", "action": "act", "observation": "obs"}
-
-# ALFWorld: the agent's lines carry the `>` prompt; `think:` lines are its reasoning.
-_ALFWORLD_THINK = re.compile(r"think[ \t]*:", re.IGNORECASE)
-
-# smolagents CodeAct. Markers are case-sensitive because smolagents writes them verbatim, and a lowercase
-# `code:` is common in printed tool output. A line-start ```py fence or <code> tag opens an action even without a
-# `Code:` line (the newer smolagents prompts drop it).
-_CODEACT_MARKER = re.compile(
-    r"^[ \t]*(?:(?P<reason>Thought[ \t]*:)"
-    r"|(?P<code>Code[ \t]*:)"
-    r"|(?P<block>```(?:python|py)\b|<code>)"
-    r"|(?P<obs>Observation[ \t]*:|Execution logs[ \t]*:)"
-    r"|(?P<other>Calling tools[ \t]*:)"
-    r"|(?P<final>final_answer[ \t]*\())",
-    re.MULTILINE,
-)
-_BLOCK_OPEN = re.compile(r"\s*(?:(?P<fence>```[\w+.-]*)|(?P<tag><code>))")
-_FENCE_CLOSE = re.compile(r"```|<end_code>")
-_TAG_CLOSE = re.compile(r"</code>|<end_code>")
-_END_CODE = re.compile(r"\s*<end_code>")
-_WHITESPACE = re.compile(r"\s*")
-_REST_OF_LINE = re.compile(r"[^\n]*\n?")
-
-_CODEACT_HINT = re.compile(
-    r"^[ \t]*(?:Code[ \t]*:|Execution logs[ \t]*:|<code>|```(?:python|py)\b|final_answer[ \t]*\()|<end_code>",
-    re.MULTILINE,
-)
-_REACT_HINT = re.compile(r"^[ \t]*(?:thought|action)[ \t]*\d*[ \t]*:", re.IGNORECASE | re.MULTILINE)
-_ALFWORLD_HINT = re.compile(r"^[ \t]*(?:>|think[ \t]*:)", re.IGNORECASE | re.MULTILINE)
-
 _NO_STYLE_REASON = (
     "no recognisable step: expected 'Thought:'/'Action:' (react), 'Thought:'/'Code:' (codeact) "
     "or '> ...' lines (alfworld)"
 )
-_NO_STEP_REASONS = {
-    "react": "no recognisable step: expected a 'Thought:' or 'Action:' line (react)",
-    "codeact": "no recognisable step: expected 'Thought:', 'Code:' or a final_answer(...) line (codeact)",
-    "alfworld": "no recognisable step: expected '> ...' action lines (alfworld); for the agent's own output "
-    "without '>' prompts pass role='assistant'",
-    "alfworld-assistant": "no recognisable step: the assistant message is blank (alfworld)",
-    "none": "no recognisable step: the text holds only observations and other untrained text",
-}
-
-
-@dataclass(frozen=True)
-class Span:
-    """A half-open character range `[start, end)` of one kind (see `SPAN_KINDS`)."""
-
-    kind: str
-    start: int
-    end: int
-
-    def __post_init__(self) -> None:
-        if self.kind not in SPAN_KINDS:
-            raise ValueError(f"span kind must be one of {SPAN_KINDS}, got {self.kind!r}")
-        if not 0 <= self.start <= self.end:
-            raise ValueError(f"span bounds must satisfy 0 <= start <= end, got [{self.start}, {self.end})")
-
-
-class TrajectoryFormatError(ValueError):
-    """A trajectory that cannot be segmented; `str()` names the row and message it came from when known."""
-
-    def __init__(self, reason: str, *, row_index: int | None = None, message_index: int | None = None):
-        # args stays (reason,) so that the default pickling rebuilds the error and then restores the indices.
-        super().__init__(reason)
-        self.reason = reason
-        self.row_index = row_index
-        self.message_index = message_index
-
-    def __str__(self) -> str:
-        where = []
-        if self.row_index is not None:
-            where.append(f"row {self.row_index}")
-        if self.message_index is not None:
-            where.append(f"message {self.message_index}")
-        return f"{', '.join(where)}: {self.reason}" if where else self.reason
-
-    def with_row(self, row_index: int | None) -> TrajectoryFormatError:
-        """A copy that names the dataset row (the collator knows it, the segmenter does not)."""
-        return type(self)(self.reason, row_index=row_index, message_index=self.message_index)
-
-    def with_message(self, message_index: int | None) -> TrajectoryFormatError:
-        """A copy that names the message of the conversation."""
-        return type(self)(self.reason, row_index=self.row_index, message_index=message_index)
-
-
-class NoAgentMarkersError(TrajectoryFormatError):
-    """Assistant text without the step markers of any style: `auto` cannot segment it (it reads as plain chat)."""
+_NO_STEP_IN_OBSERVATIONS = "no recognisable step: the text holds only observations and other untrained text"
 
 
 # ---------------------------------------------------------------------------------------------- public API
@@ -144,12 +66,9 @@ def detect_style(text: str) -> str:
     CodeAct is checked first because its `Thought:` lines would also pass for ReAct.
     """
     _check_is_text(text)
-    if _CODEACT_HINT.search(text):
-        return "codeact"
-    if _REACT_HINT.search(text):
-        return "react"
-    if _ALFWORLD_HINT.search(text):
-        return "alfworld"
+    for name, fmt in FORMATS.items():
+        if fmt.looks_like(text):
+            return name
     raise NoAgentMarkersError(f"{_NO_STYLE_REASON}; the text reads {_preview(text)}")
 
 
@@ -311,7 +230,7 @@ def _segment_message(message: dict, index: int, style: str | None) -> list[Span]
             # Free text before a structured call (no Thought:/Action: marker) is the agent thinking aloud.
             spans = _reason_before_first_step(answer, spans) if _has_step(spans) else [Span("reason", 0, len(answer))]
         shifted = [Span(span.kind, span.start + think_end, span.end + think_end) for span in spans]
-        return _merged([Span("reason", 0, think_end)] + shifted if think_end else shifted)
+        return merged_spans([Span("reason", 0, think_end)] + shifted if think_end else shifted)
     except TrajectoryFormatError as error:
         raise error.with_message(index) from None
 
@@ -321,13 +240,7 @@ def _segment(text: str, style: str, *, assistant: bool) -> list[Span]:
     """Spans of a non-empty `text` in a concrete style, without checking that it holds a step."""
     if style == "none":
         return [Span("act", 0, len(text))] if assistant else _token_level_transcript(text)
-    if style == "react":
-        cuts = _react_cuts(text)
-    elif style == "alfworld":
-        cuts = _alfworld_cuts(text, assistant=assistant)
-    else:
-        cuts = _codeact_cuts(text)
-    return _spans_from_cuts(cuts, len(text))
+    return FORMATS[style].segment(text, assistant=assistant)
 
 
 def _token_level_transcript(text: str) -> list[Span]:
@@ -340,18 +253,13 @@ def _token_level_transcript(text: str) -> list[Span]:
         style = detect_style(text)
     except NoAgentMarkersError:
         return [Span("act", 0, len(text))]
-    cuts = [(span.start, "act" if span.kind in _STEP_KINDS else span.kind) for span in _segment(text, style, assistant=False)]
-    return _spans_from_cuts(cuts, len(text))
-
-
-def _spans_from_cuts(cuts: list[tuple[int, str]], length: int) -> list[Span]:
-    """Turn non-decreasing `(offset, kind)` boundaries, the first at 0, into contiguous non-empty spans."""
-    ends = [offset for offset, _ in cuts[1:]] + [length]
-    return _merged([Span(kind, start, end) for (start, kind), end in zip(cuts, ends) if end > start])
+    spans = _segment(text, style, assistant=False)
+    cuts = [(span.start, "act" if span.kind in STEP_KINDS else span.kind) for span in spans]
+    return spans_from_cuts(cuts, len(text))
 
 
 def _has_step(spans: list[Span]) -> bool:
-    return any(span.kind in _STEP_KINDS for span in spans)
+    return any(span.kind in STEP_KINDS for span in spans)
 
 
 def _reason_before_first_step(text: str, spans: list[Span]) -> list[Span]:
@@ -364,136 +272,7 @@ def _reason_before_first_step(text: str, spans: list[Span]) -> list[Span]:
     if first.kind != "other" or len(spans) == 1:
         return spans
     kind = "reason" if text[first.start : first.end].strip() else spans[1].kind
-    return _merged([Span(kind, first.start, first.end), *spans[1:]])
-
-
-def _merged(spans: list[Span]) -> list[Span]:
-    """Contiguous spans with neighbours of one kind joined."""
-    merged: list[Span] = []
-    for span in spans:
-        if merged and merged[-1].kind == span.kind:
-            merged[-1] = Span(span.kind, merged[-1].start, span.end)
-        else:
-            merged.append(span)
-    return merged
-
-
-# ---------------------------------------------------------------------------------------------- react
-def _react_cuts(text: str) -> list[tuple[int, str]]:
-    """Each marker's span runs from its line start to the next marker's line start."""
-    cuts = [(0, "other")]
-    for marker in _REACT_MARKER.finditer(text):
-        cuts.append((marker.start(), _react_kind(marker)))
-    return cuts
-
-
-def _react_kind(marker: re.Match[str]) -> str:
-    if marker.group("finish") is not None:
-        return "act"
-    if marker.group("think") is not None:
-        return "reason"  # WebShop's `Action: think[...]`
-    return _REACT_KINDS[marker.group("name").lower()]
-
-
-# ---------------------------------------------------------------------------------------------- alfworld
-def _alfworld_cuts(text: str, *, assistant: bool) -> list[tuple[int, str]]:
-    """One cut per line; a blank line takes the kind of the line before it (of the first line, if leading)."""
-    kinds: list[str | None] = []
-    # In a transcript, blank lines before the first `>` belong to the task description.
-    previous: str | None = None if assistant else "other"
-    after_prompt = False
-    lines = text.splitlines(keepends=True)
-    for line in lines:
-        kind = _alfworld_line_kind(line, assistant=assistant, after_prompt=after_prompt) or previous
-        after_prompt = after_prompt or line.lstrip().startswith(">")
-        kinds.append(kind)
-        previous = kind
-    first = next((kind for kind in kinds if kind is not None), "other")
-    cuts, offset = [], 0
-    for line, kind in zip(lines, kinds):
-        cuts.append((offset, kind or first))
-        offset += len(line)
-    return cuts
-
-
-def _alfworld_line_kind(line: str, *, assistant: bool, after_prompt: bool) -> str | None:
-    """Kind of one line, or None when it is blank."""
-    body = line.strip()
-    if not body:
-        return None
-    if body.startswith(">"):
-        return "reason" if _ALFWORLD_THINK.match(body[1:].lstrip()) else "act"
-    if assistant:  # the agent's own output has no observations, and its `>` prompt may be missing
-        return "reason" if _ALFWORLD_THINK.match(body) else "act"
-    return "obs" if after_prompt else "other"
-
-
-# ---------------------------------------------------------------------------------------------- codeact
-def _codeact_cuts(text: str) -> list[tuple[int, str]]:
-    """Scan marker by marker, jumping over code blocks so that markers inside code are ignored."""
-    cuts = [(0, "other")]
-    position = 0
-    while (marker := _CODEACT_MARKER.search(text, position)) is not None:
-        name = marker.lastgroup
-        if name in ("code", "block"):
-            cuts.append((marker.start(), "act"))
-            end = _code_block_end(text, marker)
-            if end is None:  # `Code:` with unfenced code: it runs to the next marker
-                end = marker.end()
-            else:
-                cuts.append((end, "other"))  # e.g. smolagents' `Calling tools:` dump
-        elif name == "final":
-            cuts.append((marker.start(), "act"))
-            end = _REST_OF_LINE.match(text, marker.end()).end()
-            cuts.append((end, "other"))
-        else:
-            cuts.append((marker.start(), name))
-            end = marker.end()
-        position = end
-    return cuts
-
-
-def _code_block_end(text: str, marker: re.Match[str]) -> int | None:
-    """Where the action opened by `marker` ends: after its closer, any `<end_code>` and trailing whitespace.
-
-    Returns None for a `Code:` line followed by no fence at all.
-    """
-    after_code_marker = marker.lastgroup == "code"
-    if after_code_marker:
-        opener = _BLOCK_OPEN.match(text, marker.end())
-        if opener is None:
-            return None
-        is_tag = opener.group("tag") is not None
-        opener_text, opener_end = opener.group().strip(), opener.end()
-    else:
-        opener_text, opener_end = marker.group().strip(), marker.end()
-        is_tag = opener_text == "<code>"
-    closer = (_TAG_CLOSE if is_tag else _FENCE_CLOSE).search(text, opener_end)
-    if closer is None:
-        line = text.count("\n", 0, opener_end) + 1
-        raise TrajectoryFormatError(_unclosed_reason(opener_text, is_tag, after_code_marker, line))
-    end = closer.end()
-    if closer.group() != "<end_code>":
-        end_code = _END_CODE.match(text, end)
-        if end_code is not None:
-            end = end_code.end()
-    return _after_trailing_whitespace(text, end)
-
-
-def _after_trailing_whitespace(text: str, end: int) -> int:
-    """Extend `end` over whitespace, but leave the indentation of a following line to that line's span."""
-    stop = _WHITESPACE.match(text, end).end()
-    if stop == len(text):
-        return stop
-    newline = text.rfind("\n", end, stop)
-    return newline + 1 if newline >= 0 else stop
-
-
-def _unclosed_reason(opener: str, is_tag: bool, after_code_marker: bool, line: int) -> str:
-    where = "after 'Code:'" if after_code_marker else repr(opener)
-    if is_tag:
-        return f"unclosed <code> block {where} (add the closing </code>); it opens on line {line}"
-    return f"unclosed code fence {where} (add the closing ``` or <end_code>); it opens on line {line}"
+    return merged_spans([Span(kind, first.start, first.end), *spans[1:]])
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -523,9 +302,9 @@ def _unknown_role_reason(role: object) -> str:
 
 
 def _no_step_reason(style: str, assistant: bool) -> str:
-    if style == "alfworld" and assistant:
-        return _NO_STEP_REASONS["alfworld-assistant"]
-    return _NO_STEP_REASONS[style]
+    if style == "none":
+        return _NO_STEP_IN_OBSERVATIONS
+    return FORMATS[style].no_step_reason(assistant=assistant)
 
 
 def _preview(text: str, limit: int = 60) -> str:

@@ -1,5 +1,9 @@
-"""Agent runtime: tools (retrieval, a Python sandbox), agent loops (CodeAct, ReAct) and model backends."""
+"""Agent runtime: tools (retrieval, a Python sandbox), agent loops (CodeAct, ReAct) and model backends.
 
+The protocols the loops speak (prompts, parsing, rendering, segmentation) are in `trl_agent_distill.formats`.
+"""
+
+from ..formats import describe_tool
 from .backends import (
     BackendError,
     Completion,
@@ -10,7 +14,7 @@ from .backends import (
     SamplingParams,
     TransformersBackend,
 )
-from .loop import Agent, CodeActAgent, Episode, ReActAgent, SelfConsistency, Task, describe_tool
+from .loop import Agent, CodeActAgent, Episode, ReActAgent, SelfConsistency, Task
 from .retrieval import Document, RetrievalTool
 from .sandbox import DEFAULT_ALLOWED_IMPORTS, Observation, PythonExecutor, PythonSandbox, SandboxError
 

@@ -1,12 +1,13 @@
 """Agent loops: a model acting with tools until it answers, many episodes in lockstep.
 
-Two formats, both as chat messages that `segment_messages` labels (assistant turns are REASON / ACT, observations
-come back as user turns and are never trained):
+Each agent speaks one format of `trl_agent_distill.formats`, which owns what the model is told and what it writes
+(prompts, stop strings, parsing, rendering of observations), so the trajectories are chat messages that
+`segment_messages` labels by the same rules (assistant turns are REASON / ACT, observations come back as user
+turns and are never trained):
 
-* `CodeActAgent` (smolagents / the Agent Distillation paper): ``Thought: ...`` then ``Code:`` and a ```` ```py ````
-  block ending ```` ```<end_code> ````; the code runs in the episode's own `PythonSandbox`, where the tools are
-  Python functions and ``final_answer(x)`` ends the episode. The observation is the sandbox's execution log.
-* `ReActAgent` (ReAct / SAD): ``Thought: ...`` then ``Action: Tool[argument]``; ``Finish[answer]`` ends it.
+* `CodeActAgent` (`CodeActFormat`): the code runs in the episode's own `PythonSandbox`, where the tools are
+  Python functions and ``final_answer(x)`` ends the episode; the observation is the sandbox's structured result.
+* `ReActAgent` (`ReActFormat`): ``Action: Tool[argument]`` calls a one-string tool; ``Finish[answer]`` ends it.
 
 A reply that cannot be parsed gets an error observation telling the model what was expected, as the papers do,
 and the episode goes on until `max_steps`. `run` keeps up to `batch_size` episodes in flight: each round sends
@@ -16,15 +17,23 @@ next tasks, yielding episodes as they end.
 
 from __future__ import annotations
 
-import inspect
 import keyword
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..formats import (
+    AgentFormat,
+    CodeActFormat,
+    CodeAction,
+    ParsedReply,
+    ParseError,
+    ReActFormat,
+    ToolCall,
+    ToolError,
+)
 from ..metrics import normalize_answer
 from .backends import Completion, GenerationBackend, GenerationRequest, SamplingParams
 from .sandbox import Observation, PythonSandbox, SandboxError
@@ -93,26 +102,10 @@ class Episode:
         }
 
 
-def describe_tool(name: str, tool: Callable[..., Any]) -> str:
-    """One line for the system prompt: the tool's own `description` when it has one, else signature + docstring."""
-    description = getattr(tool, "description", None)
-    if isinstance(description, str) and description:
-        return description
-    try:
-        signature = str(inspect.signature(tool))
-    except (TypeError, ValueError):
-        signature = "(...)"
-    return f"{name}{signature}: {_summary(tool)}"
-
-
-def _summary(tool: Callable[..., Any]) -> str:
-    doc = inspect.getdoc(tool)
-    return doc.strip().splitlines()[0] if doc and doc.strip() else "no description"
-
-
 @dataclass
 class _Step:
-    """What acting on one reply produced: the message to store, the observation to show, and how it ended."""
+    """What acting on one reply produced: the message to store, the observation to show (as the format renders it,
+    without its marker), and how it ended."""
 
     content: str
     observation: str | None = None
@@ -161,15 +154,15 @@ class _Running:
 
 
 class Agent(ABC):
-    """The loop shared by both formats; subclasses say how to prompt, where to stop and how to act."""
+    """The loop shared by every format: the format says how to prompt, where to stop, how to read a reply and how to
+    show an observation; subclasses say how to act on what the format parsed."""
 
-    stop: tuple[str, ...] = ()
-
-    def __init__(self, tools: Mapping[str, Callable[..., Any]], *, max_steps: int, sampling: SamplingParams | None,
+    def __init__(self, agent_format: AgentFormat, *, max_steps: int, sampling: SamplingParams | None,
                  system_prompt: str | None, self_consistency: SelfConsistency | Mapping[str, Any] | None):
         if max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {max_steps}")
-        self.tools = dict(tools)
+        self.format = agent_format
+        self.tools = agent_format.tools
         self.max_steps = max_steps
         self.sampling = sampling or SamplingParams()
         if self.sampling.n != 1:
@@ -181,13 +174,11 @@ class Agent(ABC):
         if self_consistency is not None:
             self.sampling = SamplingParams(temperature=self_consistency.temperature, top_p=self_consistency.top_p,
                                            max_new_tokens=self.sampling.max_new_tokens, n=self_consistency.n)
-        self.system_prompt = system_prompt if system_prompt is not None else self.default_system_prompt()
+        self.system_prompt = system_prompt if system_prompt is not None else agent_format.system_prompt()
 
-    @abstractmethod
-    def default_system_prompt(self) -> str: ...
-
-    @abstractmethod
-    def task_message(self, question: str) -> str: ...
+    @property
+    def stop(self) -> tuple[str, ...]:
+        return self.format.stop
 
     @abstractmethod
     def act(self, environment: Any, reply: str, completion: Completion) -> _Step: ...
@@ -202,9 +193,6 @@ class Agent(ABC):
 
     def close_environment(self, environment: Any) -> None:
         """Release what `open_environment` made."""
-
-    def observation_message(self, observation: str) -> dict[str, str]:
-        return {"role": "user", "content": f"Observation:\n{observation}"}
 
     def run(self, backend: GenerationBackend, tasks: Iterable[Task], *, batch_size: int = 16,
             prefixes: Mapping[str, str] | None = None) -> Iterator[Episode]:
@@ -240,7 +228,7 @@ class Agent(ABC):
     def _start(self, task: Task, prefixes: Mapping[str, str] | None, pool: ThreadPoolExecutor) -> _Running:
         messages = [
             {"role": "system", "content": self.system_prompt},
-            {"role": "user", "content": self.task_message(task.question)},
+            {"role": "user", "content": self.format.task_message(task.question)},
         ]
         prefix = (prefixes or {}).get(task.task_id, "")
         return _Running(Episode(task=task, messages=messages), pool.submit(self.open_environment, task), prefix)
@@ -286,7 +274,7 @@ class Agent(ABC):
         if step.observation is not None:
             if step.parse_error or step.tool_error:
                 episode.errors.append(f"step {episode.steps}: {step.observation}")
-            episode.messages.append(self.observation_message(step.observation))
+            episode.messages.append({"role": "user", "content": self.format.observation_turn(step.observation)})
         if episode.steps >= self.max_steps:
             episode.stop_reason = "max_steps"
 
@@ -302,12 +290,6 @@ def _take(iterator: Iterator[Task], count: int) -> list[Task]:
 
 
 # ---------------------------------------------------------------------------------------------- CodeAct
-_CODE_BLOCK = re.compile(r"```(?:py|python)?[ \t]*\n(?P<code>.*?)```|<code>(?P<tagged>.*?)</code>", re.DOTALL)
-_CODE_OPEN = re.compile(r"```(?:py|python)?[ \t]*\n|<code>")
-END_CODE = "<end_code>"
-TASK_MESSAGE_PREFIX = "New task:\n"
-
-
 class CodeActAgent(Agent):
     """Thought / Code / Observation cycles; the code runs in a persistent per-episode `PythonSandbox`.
 
@@ -316,7 +298,7 @@ class CodeActAgent(Agent):
             `web_search`); `final_answer` is built in.
         max_steps: replies before the episode ends unanswered.
         sampling: how the backend samples each reply.
-        system_prompt: replaces the default prompt (which lists the tools with `describe_tool`).
+        system_prompt: replaces the format's default prompt (which lists the tools with `describe_tool`).
         sandbox_options: keyword arguments for `PythonSandbox` (`timeout`, `memory_limit_mb`, `allowed_imports`,
             `max_output_chars` ...).
         self_consistency: sample this many candidates per step and keep the majority (see `SelfConsistency`):
@@ -327,8 +309,6 @@ class CodeActAgent(Agent):
             so code can parse the question instead of retyping names and numbers from it; the default system prompt
             says so.
     """
-
-    stop = (END_CODE, "Observation:")
 
     def __init__(self, tools: Mapping[str, Callable[..., Any]], *, max_steps: int = 5,
                  sampling: SamplingParams | None = None, system_prompt: str | None = None,
@@ -341,26 +321,8 @@ class CodeActAgent(Agent):
             raise ValueError(f"task_variable {task_variable!r} is also the name of a tool; pick another name")
         self.sandbox_options = dict(sandbox_options or {})
         self.task_variable = task_variable
-        super().__init__(tools, max_steps=max_steps, sampling=sampling, system_prompt=system_prompt,
-                         self_consistency=self_consistency)
-
-    def default_system_prompt(self) -> str:
-        tools = [describe_tool(name, tool) for name, tool in self.tools.items()]
-        tools.append("final_answer(answer: any) -> any: returns the final answer to the task.")
-        return (
-            "You are an expert assistant who solves tasks with Python code. Work in cycles of 'Thought:', "
-            "'Code:' and 'Observation:'.\n"
-            "In 'Thought:', explain your reasoning and which tools you want to use.\n"
-            "In 'Code:', write Python in a block that starts with '```py' and ends with '```<end_code>'. "
-            "Print what you need: printed output comes back in the next 'Observation:'.\n"
-            "Finish by calling final_answer.\n\n"
-            "You can use these tools:\n" + "\n".join(f"- {line}" for line in tools)
-            + (f"\n\nThe task text is also in the string variable `{self.task_variable}`." if self.task_variable
-               else "")
-        )
-
-    def task_message(self, question: str) -> str:
-        return TASK_MESSAGE_PREFIX + question
+        super().__init__(CodeActFormat(tools, task_variable=task_variable), max_steps=max_steps, sampling=sampling,
+                         system_prompt=system_prompt, self_consistency=self_consistency)
 
     def open_environment(self, task: Task) -> PythonSandbox:
         sandbox = PythonSandbox(tools=self.tools, **self.sandbox_options)
@@ -379,8 +341,7 @@ class CodeActAgent(Agent):
         parsed = self._parse(reply, completion)
         if isinstance(parsed, _Step):
             return parsed
-        content, code = parsed
-        return self._step(content, environment.run(code))
+        return self._step(parsed.content, environment.run(parsed.action.code))
 
     def choose(self, environment: PythonSandbox, replies: list[str], completions: list[Completion]) -> _Choice:
         parsed = [self._parse(reply, completion) for reply, completion in zip(replies, completions)]
@@ -395,8 +356,8 @@ class CodeActAgent(Agent):
                         continue
             runnable = list(forks)
             with ThreadPoolExecutor(max_workers=max(1, len(runnable)), thread_name_prefix="candidate") as pool:
-                for index, observation in zip(runnable, pool.map(lambda i: forks[i].run(parsed[i][1]), runnable)):
-                    observations[index] = observation
+                runs = pool.map(lambda index: forks[index].run(parsed[index].action.code), runnable)
+                observations.update(zip(runnable, runs))
         except BaseException:
             for fork in forks.values():
                 fork.close()
@@ -415,50 +376,23 @@ class CodeActAgent(Agent):
         if chosen not in forks:  # no valid candidate and the first one never ran: act on it in the sandbox itself
             return _Choice(self.act(environment, replies[chosen], completions[chosen]), environment, vote)
         environment.close()
-        return _Choice(self._step(parsed[chosen][0], observations[chosen]), forks[chosen], vote)
+        return _Choice(self._step(parsed[chosen].content, observations[chosen]), forks[chosen], vote)
 
-    def _parse(self, reply: str, completion: Completion) -> tuple[str, str] | _Step:
-        """`(content to store, code to run)`, or the parse-error step."""
-        block = _CODE_BLOCK.search(reply)
-        if block is None:
-            return _Step(content=reply.rstrip(), observation=self._parse_error(reply, completion), parse_error=True)
-        # Keep the reply up to its code block: anything after it was never executed. The stop string is not in
-        # the reply, so it is written back (the student must learn to emit it).
-        content = reply[: block.end()]
-        if block.group("code") is not None:
-            content += END_CODE
-        return content, block.group("code") if block.group("code") is not None else block.group("tagged")
+    def _parse(self, reply: str, completion: Completion) -> ParsedReply[CodeAction] | _Step:
+        """The reply read by the format, or the parse-error step."""
+        parsed = self.format.parse(reply, truncated=completion.finish_reason == "length")
+        if isinstance(parsed, ParseError):
+            return _Step(content=parsed.content, observation=self.format.observation_text(parsed), parse_error=True)
+        return parsed
 
-    @staticmethod
-    def _step(content: str, observation: Observation) -> _Step:
+    def _step(self, content: str, observation: Observation) -> _Step:
         if observation.has_final_answer:
             return _Step(content=content, final_answer=observation.final_answer, done=True)
-        return _Step(content=content, observation=observation.text, tool_error=observation.error)
-
-    @staticmethod
-    def _parse_error(reply: str, completion: Completion) -> str:
-        if _CODE_OPEN.search(reply):
-            cause = "The code block is not closed"
-            if completion.finish_reason == "length":
-                cause += " (the reply ran out of tokens; write shorter code)"
-        else:
-            cause = "No code block was found in the reply"
-        return (
-            f"Error:\n{cause}. Write your code after 'Code:' in a block that starts with '```py' and ends with "
-            "'```<end_code>', and call final_answer(...) to give the answer."
-        )
+        text = self.format.observation_text(observation)
+        return _Step(content=content, observation=text, tool_error=observation.error)
 
 
 # ---------------------------------------------------------------------------------------------- ReAct
-# `Action: Tool[argument]`, or a bare `Finish[answer]` line (both are ACT spans for the segmenter).
-_REACT_ACTION = re.compile(
-    r"^[ \t]*(?:Action[ \t]*\d*[ \t]*:[ \t]*(?P<tool>[A-Za-z_][\w-]*)|(?P<finish>Finish))"
-    r"[ \t]*\[(?P<argument>.*)\][ \t]*$",
-    re.MULTILINE | re.IGNORECASE,
-)
-FINISH = "Finish"
-
-
 class ReActAgent(Agent):
     """Thought / Action / Observation text cycles; `Action: Tool[argument]` calls `tools[Tool](argument)`.
 
@@ -467,73 +401,39 @@ class ReActAgent(Agent):
     normalised (tool, argument) pair; unparseable ones and unknown tools do not vote.
     """
 
-    stop = ("\nObservation",)
-
     def __init__(self, tools: Mapping[str, Callable[[str], Any]], *, max_steps: int = 7,
                  sampling: SamplingParams | None = None, system_prompt: str | None = None,
                  self_consistency: SelfConsistency | Mapping[str, Any] | None = None):
-        for name in tools:
-            if not re.fullmatch(r"[A-Za-z_][\w-]*", name) or name.lower() == FINISH.lower():
-                raise ValueError(f"ReAct tool name {name!r} must be a single word other than {FINISH}.")
-        super().__init__(tools, max_steps=max_steps, sampling=sampling, system_prompt=system_prompt,
+        super().__init__(ReActFormat(tools), max_steps=max_steps, sampling=sampling, system_prompt=system_prompt,
                          self_consistency=self_consistency)
         self._by_lower_name = {name.lower(): name for name in self.tools}
 
-    def default_system_prompt(self) -> str:
-        actions = [f"{name}[argument]: {_summary(tool)}" for name, tool in self.tools.items()]
-        actions.append(f"{FINISH}[answer]: returns the answer and finishes the task.")
-        return (
-            "Solve the question with interleaving Thought, Action and Observation steps. Thought reasons about the "
-            "current situation; Action is one line 'Action: Tool[argument]' with one of these tools:\n"
-            + "\n".join(f"- {line}" for line in actions)
-        )
-
-    def task_message(self, question: str) -> str:
-        return f"Question: {question}"
-
-    def observation_message(self, observation: str) -> dict[str, str]:
-        return {"role": "user", "content": f"Observation: {observation}"}
-
     def act(self, environment: None, reply: str, completion: Completion) -> _Step:
-        action = _REACT_ACTION.search(reply)
-        if action is None:
-            return _Step(content=reply.rstrip(), observation=self._parse_error(completion), parse_error=True)
-        content = reply[: action.end()]  # what the model wrote after its action was never executed
-        tool, argument = self._action(action)
-        if tool == FINISH:
-            return _Step(content=content, final_answer=argument, done=True)
-        name = self._by_lower_name.get(tool.lower())
+        parsed = self.format.parse(reply, truncated=completion.finish_reason == "length")
+        if isinstance(parsed, ParseError):
+            return _Step(content=parsed.content, observation=self.format.observation_text(parsed), parse_error=True)
+        call = parsed.action
+        if call.is_final:
+            return _Step(content=parsed.content, final_answer=call.argument, done=True)
+        name = self._by_lower_name.get(call.tool.lower())
         if name is None:
-            known = ", ".join([*self.tools, FINISH])
-            return _Step(content=content, observation=f"Error: unknown tool '{tool}'; use one of {known}.",
+            return _Step(content=parsed.content, observation=self.format.observation_text(ToolError(call)),
                          tool_error=True)
         try:
-            return _Step(content=content, observation=str(self.tools[name](argument)))
+            output = str(self.tools[name](call.argument))
         except Exception as error:  # a tool's failure is something the agent must see and recover from
-            return _Step(content=content, observation=f"Error: {name}[{argument}] failed: {error}", tool_error=True)
+            failure = ToolError(ToolCall(name, call.argument), str(error))
+            return _Step(content=parsed.content, observation=self.format.observation_text(failure), tool_error=True)
+        return _Step(content=parsed.content, observation=self.format.observation_text(output))
 
     def choose(self, environment: None, replies: list[str], completions: list[Completion]) -> _Choice:
         keys = []
         for reply in replies:
-            action = _REACT_ACTION.search(reply)
-            tool, argument = self._action(action) if action else (None, "")
-            known = tool == FINISH or (tool is not None and tool.lower() in self._by_lower_name)
-            keys.append((tool.lower(), normalize_answer(argument)) if known else None)
+            parsed = self.format.parse(reply)
+            call = None if isinstance(parsed, ParseError) else parsed.action
+            known = call is not None and (call.is_final or call.tool.lower() in self._by_lower_name)
+            keys.append((call.tool.lower(), normalize_answer(call.argument)) if known else None)
         chosen, group_sizes = majority(keys)
         vote = {"candidates": len(replies), "valid": sum(key is not None for key in keys), "group_sizes": group_sizes,
                 "chosen": chosen}
         return _Choice(self.act(environment, replies[chosen], completions[chosen]), environment, vote)
-
-    @staticmethod
-    def _action(action: re.Match[str]) -> tuple[str, str]:
-        tool = action.group("tool") or action.group("finish")
-        return FINISH if tool.lower() == FINISH.lower() else tool, action.group("argument").strip()
-
-    def _parse_error(self, completion: Completion) -> str:
-        cause = "the reply ran out of tokens before an action" if completion.finish_reason == "length" else (
-            "no action was found"
-        )
-        return (
-            f"Error: {cause}. After your thought write one line 'Action: Tool[argument]', using one of "
-            f"{', '.join([*self.tools, FINISH])}."
-        )

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..agent.backends import GenerationRequest
-from ..agent.loop import TASK_MESSAGE_PREFIX
+from ..formats import CodeActFormat, CodeAction
 from ..jsonl import write_jsonl
 from ..tasks import COT_SYSTEM_PROMPT
 
@@ -52,6 +52,8 @@ _FACT_PHRASES = {
 }
 # Town names are the only capitalised words after the first one of a question.
 TOWN_PATTERN = r" ([A-Z][a-z]+)"
+# The protocol the oracle speaks: it reads the task from the format's task message and writes the format's steps.
+_FORMAT = CodeActFormat()
 
 
 @dataclass(frozen=True)
@@ -142,11 +144,13 @@ class ToyWorld:
         by_question = {task.question: task for task in self.train_tasks + self.test_tasks}
 
         def policy(request: GenerationRequest) -> str:
-            question = request.messages[1]["content"].removeprefix(TASK_MESSAGE_PREFIX)
+            asks_for_cot = request.messages[0]["content"] == COT_SYSTEM_PROMPT
+            message = request.messages[1]["content"]
+            question = message if asks_for_cot else _FORMAT.question(message)
             task = by_question.get(question)
             if task is None:
-                raise ValueError(f"The toy oracle does not know the task {question!r}.")
-            if request.messages[0]["content"] == COT_SYSTEM_PROMPT:
+                raise ValueError(f"The toy oracle does not know the task {message!r}.")
+            if asks_for_cot:
                 return self.cot_answer(task)
             steps = sum(message["role"] == "assistant" for message in request.messages)
             return oracle_step(task, steps)
@@ -176,7 +180,7 @@ def oracle_step(task: ToyTask, step: int) -> str:
     """The oracle's CodeAct reply at `step`: 0 reads the towns (and any constant) from `task`, searches, parses the
     entries and computes; 1 gives the answer it printed."""
     if step > 0:
-        return "Thought: The answer is computed.\nCode:\n```py\nfinal_answer(answer)\n```<end_code>"
+        return _FORMAT.write("The answer is computed.", CodeAction("final_answer(answer)"))
     towns = list(dict.fromkeys(town for town, _ in task.lookups))
     expression = re.sub(r"\b\d+\b", "k", task.formula)  # a constant from the question is read, like the names
     lines = ["import re", f'towns = re.findall(r"{TOWN_PATTERN}", task)']
@@ -188,8 +192,8 @@ def oracle_step(task: ToyTask, step: int) -> str:
         lines.append(f"v{index} = int(re.search(r\"{FACTS[fact]}\", entry{towns.index(town)}).group(1))")
     lines += [f"answer = {expression}", "print(answer)"]
     search = "the town" if len(towns) == 1 else "both towns"
-    return (f"Thought: {plan(task)} I will search for {search}, read the numbers and compute {expression}.\n"
-            "Code:\n```py\n" + "\n".join(lines) + "\n```<end_code>")
+    thought = f"{plan(task)} I will search for {search}, read the numbers and compute {expression}."
+    return _FORMAT.write(thought, CodeAction("\n".join(lines)))
 
 
 # ---------------------------------------------------------------------------------------------- generation

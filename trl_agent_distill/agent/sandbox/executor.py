@@ -11,6 +11,9 @@ import abc
 from dataclasses import dataclass
 from typing import Any
 
+# The text of an observation is the CodeAct format's; the sandbox keeps it ready for callers that want only text.
+from ...formats.codeact import render_execution as render_observation
+
 
 @dataclass(frozen=True)
 class Observation:
@@ -48,14 +51,6 @@ class Observation:
                    final_answer=final_answer, has_final_answer=has_final_answer, printed=printed,
                    timed_out=timed_out, value=None if error_message is not None else value,
                    error_message=error_message)
-
-
-def render_observation(printed: str, value: str | None, error_message: str | None) -> str:
-    """The smolagents rendering of a run's parts (see :class:`Observation`)."""
-    logs = f"Execution logs:\n{printed}" + ("" if not printed or printed.endswith("\n") else "\n")
-    if error_message is not None:
-        return (logs if printed else "") + f"Error:\n{error_message}"
-    return f"{logs}Last output from code snippet:\n{value}"
 
 
 class PythonExecutor(abc.ABC):
