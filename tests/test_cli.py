@@ -70,7 +70,7 @@ def test_flags_override_the_recipe():
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ("lambda_actt: 1.0", "unknown key.*lambda_actt"),
+        ("lamda_act: 1.0", "unknown key 'lamda_act'. Did you mean 'lambda_act'?"),
         ("lambda_act: high", "key 'lambda_act' has value 'high'"),
         ("max_steps: [3]", "key 'max_steps'"),
         ("segmentation_style: json", "key 'segmentation_style'.*choose one of"),
@@ -86,7 +86,48 @@ def test_bad_recipes_fail_naming_the_key(tmp_path, line, message):
 def test_command_usage(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["nonsense"])
+    assert exit_.value.code == 2 and "invalid choice: 'nonsense'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main([])
     assert exit_.value.code == 2 and "train" in capsys.readouterr().out
+
+
+def user_error(capsys, argv: list[str]) -> str:
+    """What `main(argv)` prints for a user error: it exits with status 2 and no traceback."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    printed = capsys.readouterr()
+    assert "Traceback" not in printed.err and printed.err.startswith("trl-agent-distill: error: ")
+    return printed.err
+
+
+def test_user_errors_are_one_message_with_a_suggestion(tmp_path, capsys):
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text((ROOT / "recipes/toy_cpu.yaml").read_text() + "lamda_act: 2.0\n")
+    message = user_error(capsys, ["train", "--config", str(recipe)])
+    assert "unknown key 'lamda_act'. Did you mean 'lambda_act'?" in message and str(recipe) in message
+    assert "Did you mean '--lambda_act'?" in user_error(capsys, ["train", "--config", str(recipe), "--lamda_act", "1"])
+    assert "recipes/missing.yaml does not exist" in user_error(capsys, ["eval", "--config", "recipes/missing.yaml"])
+    assert "No models to evaluate" in user_error(capsys, ["eval", "--dataset_name", "tasks.jsonl"])
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="missing.yaml does not exist"):
+        main(["--debug", "demo", "--config", str(tmp_path / "missing.yaml")])
+
+
+def test_every_model_is_checked_before_any_work(tmp_path, capsys):
+    (tmp_path / "first").mkdir()
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text('{"id": "1", "question": "q?", "answer": "a"}\n')
+    message = user_error(capsys, ["eval", "--dataset_name", str(tasks), "--output_dir", str(tmp_path / "out"),
+                                  "--models", str(tmp_path / "first"), str(tmp_path / "typo/student")])
+    assert f"the model directory {tmp_path / 'typo/student'} does not exist" in message
+    assert not (tmp_path / "out").exists()  # the first model was not evaluated first
+    message = user_error(capsys, ["train", "--config", str(ROOT / "recipes/toy_cpu.yaml"),
+                                  "--model_name_or_path", "nobody/no-such-model", "--output_dir", str(tmp_path / "t")])
+    assert "model_name_or_path: nobody/no-such-model is not a local directory" in message and "HF_HUB_OFFLINE" in message
 
 
 def test_demo_path_end_to_end(tmp_path, capsys):

@@ -77,7 +77,7 @@ class AgentDistillConfig(GKDConfig):
         metadata={
             "help": "Locate assistant turns in chat rows with TRL's training chat template for the tokenizer's "
             "template where TRL has one (`trl.get_training_chat_template`: prefix-preserving, reasoning kept in "
-            "every turn, `{% generation %}` markers), or with the template's own generation markers. Other templates, "
+            "every turn, Jinja `generation` blocks), or with the template's own generation blocks. Other templates, "
             "or False, render with the tokenizer's own template and locate each turn from its rendering."
         },
     )

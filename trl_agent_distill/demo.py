@@ -332,21 +332,24 @@ def _agent_task_config(config: DemoConfig, kind: str, **options: Any):
 
 def _train(config: DemoConfig, *, model: Path, data: Path, output: Path, steps: int, options: dict[str, Any],
            teacher: Path | None = None) -> None:
-    """One `trl-agent-distill train` run on CPU (same path as a recipe: parsed, checked, trained, saved)."""
-    from .cli import parse_train_args, train
+    """One training run on CPU, through the same `train` as a recipe's, and its per-span losses printed."""
+    from trl import DatasetMixtureConfig, ModelConfig
 
-    argv = {
-        "model_name_or_path": model, "dataset_name": data, "dataset_format": "messages", "output_dir": output,
-        "max_steps": steps, "per_device_train_batch_size": config.per_device_train_batch_size,
-        "learning_rate": config.learning_rate, "lr_scheduler_type": config.lr_scheduler_type, "warmup_steps": 0,
-        "max_length": 1024, "logging_steps": max(1, steps // 15), "save_strategy": "no", "report_to": "none",
-        "use_cpu": True, "bf16": False, "seed": config.seed, "beta": 0.0, "lmbda": 0.0,
-        "activation_checkpointing": False, "disable_tqdm": not config.show_progress,
-        "dtype": "float32", **options,
-    }
-    if teacher is not None:
-        argv["teacher_model_name_or_path"] = teacher
-    train(*parse_train_args([f"--{key}={value}" for key, value in argv.items()]))
+    from .config import AgentDistillConfig
+    from .training import AgentDistillScriptArguments, format_span_losses, train
+
+    training_args = AgentDistillConfig(
+        output_dir=str(output), max_steps=steps, per_device_train_batch_size=config.per_device_train_batch_size,
+        learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type, warmup_steps=0,
+        max_length=1024, logging_steps=max(1, steps // 15), save_strategy="no", report_to="none", use_cpu=True,
+        bf16=False, seed=config.seed, beta=0.0, lmbda=0.0, activation_checkpointing=False,
+        disable_tqdm=not config.show_progress, teacher_model_name_or_path=str(teacher) if teacher else None, **options,
+    )
+    trainer = train(
+        AgentDistillScriptArguments(dataset_name=str(data), dataset_format="messages"), training_args,
+        ModelConfig(model_name_or_path=str(model), dtype="float32"), DatasetMixtureConfig(),
+    )
+    print(format_span_losses(trainer.state.log_history))
 
 
 def _notes(config: DemoConfig, timings: dict[str, float]) -> str:
