@@ -39,7 +39,7 @@ EPISODES_FILE, TRAJECTORIES_FILE, SUMMARY_FILE, CONFIG_FILE = (
     "episodes.jsonl", "trajectories.jsonl", "summary.json", "generate_config.json"
 )
 # Settings that may change between a run and its resumption without changing what an episode is.
-_RESUMABLE_FIELDS = ("output_dir", "batch_size", "max_tasks", "show_progress", "request_timeout")
+_RESUMABLE_FIELDS = ("output_dir", "batch_size", "max_tasks", "show_progress", "request_timeout", "check_timeout")
 
 
 @dataclass

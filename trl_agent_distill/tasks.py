@@ -63,7 +63,14 @@ class AgentTaskConfig:
     api_key_env: str = field(
         default="OPENAI_API_KEY", metadata={"help": "Environment variable holding the endpoint's API key, if any."}
     )
-    request_timeout: float = field(default=300.0, metadata={"help": "Seconds before an HTTP request gives up."})
+    request_timeout: float = field(
+        default=300.0, metadata={"help": "Seconds before a generation request to a served model gives up."}
+    )
+    check_timeout: float = field(
+        default=10.0,
+        metadata={"help": "Seconds the start-up check of a served model waits for an answer (tried once), so a server "
+                  "that accepts connections but never answers fails at once."},
+    )
     numeric_tolerance: float = field(default=1e-4, metadata={"help": "Relative tolerance of numeric answers."})
     seed: int = field(default=42, metadata={"help": "Seed for sampling."})
     show_progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
@@ -169,7 +176,8 @@ def load_backend(model: str, config: AgentTaskConfig, *, base_url: str | None = 
     adapter directory loaded here with transformers (4-bit with `load_in_4bit`)."""
     if base_url:
         backend = OpenAIBackend(
-            base_url, model, api_key=os.environ.get(config.api_key_env), timeout=config.request_timeout,
+            base_url, model, api_key=os.environ.get(config.api_key_env), request_timeout=config.request_timeout,
+            check_timeout=config.check_timeout,
             max_concurrency=config.batch_size,
         )
         backend.check()
