@@ -161,3 +161,15 @@ def test_smolagents_rows_train_through_the_dataset_option(tmp_path):
         ]
     )
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_the_agent_step_limit_has_its_own_name_and_the_old_key_still_works(tmp_path):
+    recipe = tmp_path / "old.yaml"
+    old = (ROOT / "recipes/generate-hotpotqa-codeact.yaml").read_text().replace("max_agent_steps:", "max_steps:")
+    recipe.write_text(old)
+    with pytest.warns(FutureWarning, match="`max_steps` is deprecated.*use `max_agent_steps`"):
+        config = parse_generate_args(["--config", str(recipe)])
+    assert (config.max_agent_steps, config.max_steps) == (5, None)
+    with pytest.warns(FutureWarning, match="use `max_agent_steps`"):
+        assert parse_demo_args(["--max_steps", "2"]).max_agent_steps == 2
+    assert parse_eval_args(["--config", str(ROOT / "recipes/eval-hotpotqa.yaml"), "--max_agent_steps", "3"]).max_agent_steps == 3

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .deprecation import take_renamed_option
 from .jsonl import read_jsonl, write_jsonl
 
 STAGES = ("world", "teacher", "generate", "distill", "eval", "report")
@@ -114,20 +115,24 @@ class DemoConfig:
     learning_rate: float = field(default=3e-3, metadata={"help": "Peak learning rate of every run."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule of every run."})
     # Agents
-    max_steps: int = field(default=4, metadata={"help": "Agent steps before an episode ends unanswered."})
+    max_agent_steps: int = field(default=4, metadata={"help": "Agent steps before an episode ends unanswered."})
+    max_steps: int | None = field(
+        default=None, metadata={"help": "Deprecated name of max_agent_steps (the students' steps: student_steps)."}
+    )
     max_new_tokens: int = field(default=256, metadata={"help": "Tokens per agent step."})
     self_consistency: int = field(default=4, metadata={"help": "Candidates per step in the self-consistent setting."})
     batch_size: int = field(default=25, metadata={"help": "Episodes advanced together."})
     show_progress: bool = field(default=True, metadata={"help": "Progress bars."})
 
     def __post_init__(self) -> None:
+        take_renamed_option(self, "max_steps", "max_agent_steps", "the students' optimizer steps are student_steps")
         for name in self.stages:
             if name not in STAGES:
                 raise ValueError(f"stages: unknown stage {name!r}; choose among {list(STAGES)}.")
         for name in self.students:
             if name not in STUDENT_METHODS:
                 raise ValueError(f"students: unknown method {name!r}; choose among {list(STUDENT_METHODS)}.")
-        for name in ("train_tasks", "test_tasks", "teacher_steps", "student_steps", "generate_tasks", "max_steps"):
+        for name in ("train_tasks", "test_tasks", "teacher_steps", "student_steps", "generate_tasks", "max_agent_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.self_consistency == 1 or self.self_consistency < 0:
@@ -236,7 +241,7 @@ def distill_students(config: DemoConfig) -> dict[str, Any]:
             options.update(
                 environment="tasks", rollout_tasks=config.path("world") / "train.jsonl",
                 rollout_corpus=config.path("world") / "corpus.jsonl", rollout_task_variable="task",
-                rollout_retrieval_top_k=1, rollout_max_steps=config.max_steps,
+                rollout_retrieval_top_k=1, rollout_max_steps=config.max_agent_steps,
                 rollout_max_new_tokens=config.max_new_tokens, on_policy_start_step=config.student_steps // 2,
             )
         started = time.monotonic()
@@ -325,7 +330,7 @@ def _agent_task_config(config: DemoConfig, kind: str, **options: Any):
     config_class = {"GenerateConfig": GenerateConfig, "EvalConfig": EvalConfig}[kind]
     return config_class(
         retrieval_corpus=str(config.path("world") / "corpus.jsonl"), retrieval_top_k=1, task_variable="task",
-        max_steps=config.max_steps, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+        max_agent_steps=config.max_agent_steps, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
         seed=config.seed, show_progress=config.show_progress, dtype="float32", **options,
     )
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from .agent.backends import GenerationBackend, OpenAIBackend, SamplingParams, TransformersBackend
 from .agent.loop import Agent, CodeActAgent, ReActAgent, SelfConsistency, Task
+from .deprecation import take_renamed_option
 from .quantization import check_4bit_layers_packable
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,10 @@ class AgentTaskConfig:
     retriever: str = field(default="bm25", metadata={"help": "bm25 or dense.", "choices": ["bm25", "dense"]})
     dense_model: str | None = field(default=None, metadata={"help": "sentence-transformers model for dense."})
     retrieval_top_k: int = field(default=3, metadata={"help": "Documents per search."})
-    max_steps: int = field(default=5, metadata={"help": "Agent steps before an episode ends unanswered."})
+    max_agent_steps: int = field(default=5, metadata={"help": "Agent steps before an episode ends unanswered."})
+    max_steps: int | None = field(
+        default=None, metadata={"help": "Deprecated name of max_agent_steps (`train`'s max_steps is optimizer steps)."}
+    )
     max_new_tokens: int = field(default=512, metadata={"help": "Tokens per agent step."})
     temperature: float = field(default=0.0, metadata={"help": "Sampling temperature; 0 is greedy."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass."})
@@ -76,9 +80,10 @@ class AgentTaskConfig:
     show_progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
 
     def __post_init__(self) -> None:
+        take_renamed_option(self, "max_steps", "max_agent_steps", "`train`'s max_steps is optimizer steps")
         if self.agent not in AGENTS:
             raise ValueError(f"agent must be one of {AGENTS}, got {self.agent!r}")
-        for name in ("max_steps", "max_new_tokens", "batch_size", "retrieval_top_k"):
+        for name in ("max_agent_steps", "max_new_tokens", "batch_size", "retrieval_top_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_tasks is not None and self.max_tasks < 1:
@@ -165,10 +170,10 @@ def build_agent(config: AgentTaskConfig, self_consistency: SelfConsistency | Map
             dense_model=config.dense_model, name=name,
         )
     if config.agent == "codeact":
-        return CodeActAgent(tools, max_steps=config.max_steps, sampling=config.sampling,
+        return CodeActAgent(tools, max_steps=config.max_agent_steps, sampling=config.sampling,
                             sandbox_options={"timeout": config.sandbox_timeout}, self_consistency=self_consistency,
                             task_variable=config.task_variable)
-    return ReActAgent(tools, max_steps=config.max_steps, sampling=config.sampling, self_consistency=self_consistency)
+    return ReActAgent(tools, max_steps=config.max_agent_steps, sampling=config.sampling, self_consistency=self_consistency)
 
 
 def load_backend(model: str, config: AgentTaskConfig, *, base_url: str | None = None) -> GenerationBackend:
