@@ -48,7 +48,7 @@ def test_every_recipe_parses_without_loading_anything(recipe):
     script_args, training_args, model_args, _ = parse_train_args(["--config", str(recipe)])
     assert model_args.model_name_or_path
     assert training_args.segmentation_style in ("codeact", "react", "none")
-    assert training_args.lmbda == 0.0 or training_args.environment  # on-policy recipes act in an environment
+    assert training_args.lmbda == 0.0 or training_args.rollout_task_config()  # on-policy recipes act as agents
     if training_args.needs_teacher:
         assert training_args.teacher_model_name_or_path
 
@@ -127,7 +127,8 @@ def test_every_model_is_checked_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "out").exists()  # the first model was not evaluated first
     message = user_error(capsys, ["train", "--config", str(ROOT / "recipes/toy_cpu.yaml"),
                                   "--model_name_or_path", "nobody/no-such-model", "--output_dir", str(tmp_path / "t")])
-    assert "model_name_or_path: nobody/no-such-model is not a local directory" in message and "HF_HUB_OFFLINE" in message
+    assert "model_name_or_path: nobody/no-such-model is not a local directory" in message
+    assert "HF_HUB_OFFLINE" in message
 
 
 def test_demo_path_end_to_end(tmp_path, capsys):
@@ -172,4 +173,5 @@ def test_the_agent_step_limit_has_its_own_name_and_the_old_key_still_works(tmp_p
     assert (config.max_agent_steps, config.max_steps) == (5, None)
     with pytest.warns(FutureWarning, match="use `max_agent_steps`"):
         assert parse_demo_args(["--max_steps", "2"]).max_agent_steps == 2
-    assert parse_eval_args(["--config", str(ROOT / "recipes/eval-hotpotqa.yaml"), "--max_agent_steps", "3"]).max_agent_steps == 3
+    config = parse_eval_args(["--config", str(ROOT / "recipes/eval-hotpotqa.yaml"), "--max_agent_steps", "3"])
+    assert config.max_agent_steps == 3

@@ -68,18 +68,18 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-if TYPE_CHECKING:
-    from .chat_template import ChatTemplateRenderer, end_of_turn_tokens
-    from .collator import AgentTrajectoryCollator
-    from .config import AgentDistillConfig
-    from .data import DATASET_FORMATS, from_smolagents_log, prepare_trajectory_dataset
-    from .demo import DemoConfig, run_demo
-    from .evaluation import EvalConfig, evaluate
-    from .generation import GenerateConfig, generate_trajectories
-    from .losses import SpanLossOutput, span_divergence_loss
-    from .metrics import answers_match, score_answer
-    from .rollout import AgentRollouts
-    from .segmentation import Span, TrajectoryFormatError, segment_messages, segment_text
-    from .tasks import AgentTaskConfig
-    from .trainer import AgentDistillTrainer
-    from .training import AgentDistillScriptArguments, cache_teacher, train
+if TYPE_CHECKING:  # the names for type checkers and IDEs; `__all__` lists them from `_EXPORTS`
+    from .chat_template import ChatTemplateRenderer, end_of_turn_tokens  # noqa: F401
+    from .collator import AgentTrajectoryCollator  # noqa: F401
+    from .config import AgentDistillConfig  # noqa: F401
+    from .data import DATASET_FORMATS, from_smolagents_log, prepare_trajectory_dataset  # noqa: F401
+    from .demo import DemoConfig, run_demo  # noqa: F401
+    from .evaluation import EvalConfig, evaluate  # noqa: F401
+    from .generation import GenerateConfig, generate_trajectories  # noqa: F401
+    from .losses import SpanLossOutput, span_divergence_loss  # noqa: F401
+    from .metrics import answers_match, score_answer  # noqa: F401
+    from .rollout import AgentRollouts  # noqa: F401
+    from .segmentation import Span, TrajectoryFormatError, segment_messages, segment_text  # noqa: F401
+    from .tasks import AgentTaskConfig  # noqa: F401
+    from .trainer import AgentDistillTrainer  # noqa: F401
+    from .training import AgentDistillScriptArguments, cache_teacher, train  # noqa: F401

@@ -107,7 +107,7 @@ def parse_checked(parser, argv: list[str]):
     return parser.parse_args_and_config(args=argv)
 
 
-# ---------------------------------------------------------------------------------------------- what TrlParser does not check
+# ---------------------------------------------------------------------------------------------- what TrlParser skips
 def check_flags(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     """Reject a command-line flag no dataclass has, suggesting the option it was probably meant to be."""
     options = {option for action in parser._actions for option in action.option_strings} | {"--config"}
@@ -207,7 +207,8 @@ def run_generate(argv: list[str]) -> dict:
         check_model_reference(config.model_name_or_path, "model_name_or_path")
     summary = generate_trajectories(config)
     print(json.dumps(summary, indent=2))
-    print(f"Kept {summary['kept']} of {summary['episodes']} trajectories in {Path(config.output_dir, 'trajectories.jsonl')}")
+    kept_file = Path(config.output_dir, "trajectories.jsonl")
+    print(f"Kept {summary['kept']} of {summary['episodes']} trajectories in {kept_file}")
     return summary
 
 

@@ -7,11 +7,15 @@ ReAct agent with its search tool; `load_backend` turns a model reference into a 
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from .agent.backends import GenerationBackend, OpenAIBackend, SamplingParams, TransformersBackend
 from .agent.loop import Agent, CodeActAgent, ReActAgent, SelfConsistency, Task
@@ -94,6 +98,33 @@ class AgentTaskConfig:
     @property
     def sampling(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens)
+
+
+def read_task_recipe(path: str | os.PathLike, source: str = "task recipe") -> dict[str, Any]:
+    """The options of a YAML task recipe (those of `AgentTaskConfig`), checked by `task_config_from`."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{source}: the task recipe {path} does not exist.")
+    settings = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(settings, Mapping):
+        raise ValueError(f"{source}: the task recipe {path} must be a YAML mapping of option: value.")
+    return dict(settings)
+
+
+def task_config_from(settings: Mapping[str, Any], *, defaults: Mapping[str, Any] | None = None,
+                     source: str = "settings") -> AgentTaskConfig:
+    """An `AgentTaskConfig` from a mapping of its options over `defaults`; an unknown key fails, naming it and the
+    closest option."""
+    own = [f.name for f in fields(AgentTaskConfig)]
+    for key in settings:
+        if key not in own:
+            close = difflib.get_close_matches(str(key), own, n=1, cutoff=0.75)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ValueError(f"{source}: unknown task option '{key}'.{hint} The options are those of "
+                             "`trl-agent-distill generate --help` about tasks, the agent, its tools and sampling.")
+    try:
+        return AgentTaskConfig(**{**(defaults or {}), **settings})
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{source}: {error}") from None
 
 
 # ---------------------------------------------------------------------------------------------- tasks

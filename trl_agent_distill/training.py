@@ -125,7 +125,8 @@ def cache_teacher(script_args: AgentDistillScriptArguments, training_args: Agent
     if args.teacher_quantization_config() is None:
         teacher = teacher.to(state.device)
     keep_4bit_training_layout(teacher, "teacher")  # cached logits must equal the ones a live teacher gives in training
-    fingerprint = run_fingerprint(args, tokenizer, dataset, teacher_revision=getattr(teacher.config, "_commit_hash", None))
+    revision = getattr(teacher.config, "_commit_hash", None)
+    fingerprint = run_fingerprint(args, tokenizer, dataset, teacher_revision=revision)
     path = build_teacher_cache(
         teacher.eval(),
         collator,
