@@ -175,3 +175,20 @@ def test_the_agent_step_limit_has_its_own_name_and_the_old_key_still_works(tmp_p
         assert parse_demo_args(["--max_steps", "2"]).max_agent_steps == 2
     config = parse_eval_args(["--config", str(ROOT / "recipes/eval-hotpotqa.yaml"), "--max_agent_steps", "3"])
     assert config.max_agent_steps == 3
+
+
+def test_progress_bars_name_the_model_they_measure(tmp_path, capsys):
+    from trl_agent_distill.agent import PolicyBackend
+    from trl_agent_distill.envs import ToyWorld
+    from trl_agent_distill.evaluation import EvalConfig, evaluate
+    from trl_agent_distill.generation import GenerateConfig, generate_trajectories
+
+    world = ToyWorld.generate(seed=1, num_towns=12, train_tasks=2, test_tasks=2)
+    world.save(tmp_path / "world")
+    oracle = PolicyBackend(world.oracle)
+    generate_trajectories(GenerateConfig(**ToyWorld.task_settings(tmp_path / "world"), model_name_or_path="oracle",
+                                         output_dir=str(tmp_path / "gen")), backend=oracle)
+    assert "oracle episodes" in capsys.readouterr().err
+    evaluate(EvalConfig(**ToyWorld.task_settings(tmp_path / "world", "test"), models=["good=oracle"],
+                        output_dir=str(tmp_path / "eval")), backends={"good": oracle})
+    assert "good agent-greedy" in capsys.readouterr().err

@@ -237,7 +237,10 @@ def run_init_tiny(argv: list[str]) -> tuple[Path, Path]:
     from .tiny import prepare_toy_pair
 
     options = make_init_tiny_parser().parse_args(argv)
-    teacher, student = prepare_toy_pair(options.output_dir, options.teacher_sft_steps, overwrite=options.overwrite)
+    print(f"Writing the tiny pair to {options.output_dir}: a tokenizer, a teacher with {options.teacher_sft_steps} SFT "
+          "steps, a student (kept if already there with the same settings)", flush=True)
+    teacher, student = prepare_toy_pair(options.output_dir, options.teacher_sft_steps, overwrite=options.overwrite,
+                                        show_progress=True)
     print(f"teacher: {teacher}\nstudent: {student}")
     return teacher, student
 

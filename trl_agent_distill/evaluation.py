@@ -195,7 +195,8 @@ def evaluate_run(backend: GenerationBackend, tasks: list[Task], setting: Setting
         correct = sum(record["scores"]["correct"] for record in predictions.records)
         finished = len(done)
         pending: list[dict[str, Any]] = []
-        with tqdm(total=len(tasks), initial=finished, desc=run_dir.name, disable=not config.show_progress) as bar:
+        desc = f"{run_dir.parent.name} {run_dir.name}"  # the model's label and the setting
+        with tqdm(total=len(tasks), initial=finished, desc=desc, disable=not config.show_progress) as bar:
             for episode in _episodes(backend, todo, setting, config) if todo else ():
                 pending.append(_record(episode, config))
                 # The judge is asked in batches; without one every episode is written as soon as it ends.
