@@ -177,6 +177,8 @@ def run_train(argv: list[str]):
     from .training import format_span_losses, train
 
     script_args, training_args, model_args, dataset_args = parse_train_args(argv)
+    if not model_args.model_name_or_path:
+        raise ValueError("No student: set `model_name_or_path` (a local directory or a hub name).")
     check_model_reference(model_args.model_name_or_path, "model_name_or_path")
     if training_args.needs_teacher and training_args.teacher_model_name_or_path:
         check_model_reference(training_args.teacher_model_name_or_path, "teacher_model_name_or_path")

@@ -15,10 +15,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import datasets
+import torch
 import yaml
+from transformers import BitsAndBytesConfig
 
 from .agent.backends import GenerationBackend, OpenAIBackend, SamplingParams, TransformersBackend
 from .agent.loop import Agent, CodeActAgent, ReActAgent, SelfConsistency, Task
+from .agent.retrieval import RetrievalTool
+from .data import load_any_dataset
 from .deprecation import take_renamed_option
 from .quantization import check_4bit_layers_packable
 
@@ -130,10 +135,6 @@ def task_config_from(settings: Mapping[str, Any], *, defaults: Mapping[str, Any]
 # ---------------------------------------------------------------------------------------------- tasks
 def load_tasks(config: AgentTaskConfig) -> list[Task]:
     """The configured tasks, checked before any model loads: missing fields and duplicate ids name the culprit."""
-    import datasets
-
-    from .data import load_any_dataset
-
     if not config.dataset_name:
         raise ValueError("No tasks: set `dataset_name` (a hub dataset or a local .jsonl file with questions).")
     loaded = load_any_dataset(config.dataset_name, config.dataset_config, local_split=config.dataset_split)
@@ -193,8 +194,6 @@ def build_agent(config: AgentTaskConfig, self_consistency: SelfConsistency | Map
     """The configured agent with its search tool (`web_search` for CodeAct, `Search` for ReAct)."""
     tools = {}
     if config.retrieval_corpus:
-        from .agent.retrieval import RetrievalTool
-
         name = "web_search" if config.agent == "codeact" else "Search"
         tools[name] = RetrievalTool(
             config.retrieval_corpus, top_k=config.retrieval_top_k, retriever=config.retriever,
@@ -218,13 +217,9 @@ def load_backend(model: str, config: AgentTaskConfig, *, base_url: str | None = 
         )
         backend.check()
         return backend
-    import torch
-
     torch.manual_seed(config.seed)
     model_kwargs: dict[str, Any] = {}
     if config.load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
         model_kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,

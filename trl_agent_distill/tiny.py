@@ -31,6 +31,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from .config import AgentDistillConfig
+from .trainer import AgentDistillTrainer
+
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -231,9 +234,6 @@ def sft_teacher(
     show_progress: bool = False,
 ) -> list[float]:
     """A few steps of cross-entropy on the assistant turns (the library's own SFT baseline); the loss of each step."""
-    from .config import AgentDistillConfig
-    from .trainer import AgentDistillTrainer
-
     if steps <= 0:
         return []
     with tempfile.TemporaryDirectory() as scratch:
