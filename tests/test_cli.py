@@ -98,8 +98,12 @@ def user_error(capsys, argv: list[str]) -> str:
         main(argv)
     assert exit_.value.code == 2
     printed = capsys.readouterr()
-    assert "Traceback" not in printed.err and printed.err.startswith("trl-agent-distill: error: ")
-    return printed.err
+    # Before the message: what libraries printed on the way (a progress bar; in a process where a Trainer ran before,
+    # datasets also logs the parse error it met). The exit itself raised no traceback: SystemExit(2) was raised.
+    assert printed.err.count("trl-agent-distill: error: ") == 1
+    message = printed.err.split("trl-agent-distill: error: ")[1]
+    assert "Traceback" not in message
+    return message
 
 
 def test_user_errors_are_one_message_with_a_suggestion(tmp_path, capsys):
@@ -192,3 +196,16 @@ def test_progress_bars_name_the_model_they_measure(tmp_path, capsys):
     evaluate(EvalConfig(**ToyWorld.task_settings(tmp_path / "world", "test"), models=["good=oracle"],
                         output_dir=str(tmp_path / "eval")), backends={"good": oracle})
     assert "good agent-greedy" in capsys.readouterr().err
+
+
+def test_a_malformed_row_is_one_message(tmp_path, capsys):
+    for name in ("student", "teacher"):
+        (tmp_path / name).mkdir()
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"messages": [{"role": "user", "content": "q"}]}\n{"messages": [\n')
+    message = user_error(capsys, [
+        "train", "--config", str(ROOT / "recipes/toy_cpu.yaml"), "--model_name_or_path", str(tmp_path / "student"),
+        "--teacher_model_name_or_path", str(tmp_path / "teacher"), "--dataset_name", str(rows),
+        "--output_dir", str(tmp_path / "out"),
+    ])
+    assert str(rows) in message and "line 2" in message
