@@ -2,7 +2,14 @@ from pathlib import Path
 
 import pytest
 
-from trl_agent_distill.cli import main, parse_demo_args, parse_eval_args, parse_generate_args, parse_train_args
+from trl_agent_distill.cli import (
+    main,
+    parse_demo_args,
+    parse_eval_args,
+    parse_generate_args,
+    parse_train_args,
+    take_debug_flag,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 # Recipes are named after their command: `generate-*.yaml`, `eval-*.yaml`, the demo's, and the rest for `train`.
@@ -116,9 +123,14 @@ def test_user_errors_are_one_message_with_a_suggestion(tmp_path, capsys):
     assert "No models to evaluate" in user_error(capsys, ["eval", "--dataset_name", "tasks.jsonl"])
 
 
-def test_debug_shows_the_traceback(tmp_path, capsys):
-    with pytest.raises(FileNotFoundError, match="missing.yaml does not exist"):
-        main(["--debug", "demo", "--config", str(tmp_path / "missing.yaml")])
+def test_debug_shows_the_traceback(tmp_path):
+    for argv in (["--debug", "demo", "--config", str(tmp_path / "missing.yaml")],
+                 ["demo", "--config", str(tmp_path / "missing.yaml"), "--debug"]):
+        with pytest.raises(FileNotFoundError, match="missing.yaml does not exist"):
+            main(argv)
+    # After `train`, `--debug VALUE` is TrainingArguments' own option and stays with it.
+    assert take_debug_flag(["train", "--debug", "underflow_overflow", "--debug"]) == (
+        True, ["train", "--debug", "underflow_overflow"])
 
 
 def test_every_model_is_checked_before_any_work(tmp_path, capsys):

@@ -6,7 +6,7 @@
     trl-agent-distill cache-teacher --config recipes/toy_cpu.yaml --teacher_cache outputs/toy_cache
     trl-agent-distill init-tiny --output_dir outputs/toy
     trl-agent-distill demo --config recipes/toy_demo.yaml [--stages eval report]
-    trl-agent-distill --debug <command> ...   # a user error shows its traceback too
+    trl-agent-distill <command> ... --debug   # a user error shows its traceback too
 
 Each command has its own parser (`make_parser` below, TRL's `TrlParser` over the command's dataclasses: flat keys,
 command-line flags override the YAML), built only when the command runs, so `--help` loads no model library.
@@ -286,20 +286,20 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     """The console script: exit status 0 on success, 2 on a user error (one message on stderr)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv[: _command_index(argv)]
+    debug, argv = take_debug_flag(list(sys.argv[1:] if argv is None else argv))
     try:
         run(argv)
     except Exception as error:
         if debug or not _is_user_error(error):
             raise
-        print(f"{PROG}: error: {error}\n(`{PROG} --debug ...` shows the traceback)", file=sys.stderr)
+        print(f"{PROG}: error: {error}\n(add --debug to see the traceback)", file=sys.stderr)
         raise SystemExit(2) from None
 
 
 def run(argv: list[str] | None = None):
-    """Run one command and return what it produced (the trainer, the cache folder, the summary, the report)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run one command and return what it produced (the trainer, the cache folder, the summary, the report); errors
+    are raised (`--debug` changes only how `main` reports them)."""
+    _, argv = take_debug_flag(list(sys.argv[1:] if argv is None else argv))
     parser = make_parser()
     split = _command_index(argv)
     parser.parse_args(argv[: split + 1])  # --help, a missing or unknown command: argparse's message, status 0 or 2
@@ -307,6 +307,15 @@ def run(argv: list[str] | None = None):
         parser.print_help()
         raise SystemExit(2)
     return COMMANDS[argv[split]].run(argv[split + 1 :])
+
+
+def take_debug_flag(argv: list[str]) -> tuple[bool, list[str]]:
+    """Whether `--debug` is given, before the command or after it, and `argv` without it. After the command, a
+    `--debug` followed by a value is TrainingArguments' own option (`--debug underflow_overflow`), left in place."""
+    split = _command_index(argv)
+    ours = [index for index, token in enumerate(argv) if token == "--debug"
+            and (index < split or index + 1 == len(argv) or argv[index + 1].startswith("-"))]
+    return bool(ours), [token for index, token in enumerate(argv) if index not in ours]
 
 
 def _command_index(argv: list[str]) -> int:
