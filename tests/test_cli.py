@@ -221,3 +221,12 @@ def test_a_malformed_row_is_one_message(tmp_path, capsys):
         "--output_dir", str(tmp_path / "out"),
     ])
     assert str(rows) in message and "line 2" in message
+
+
+def test_an_option_of_the_previous_release_says_where_it_went(tmp_path):
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text((ROOT / "recipes/toy_cpu.yaml").read_text() + "rollout_tasks: tasks.jsonl\n")
+    with pytest.raises(ValueError, match="unknown key 'rollout_tasks'. It moved into `rollout` as `dataset_name`"):
+        parse_train_args(["--config", str(recipe)])
+    with pytest.raises(ValueError, match="unknown option --environment. It moved into `rollout`"):
+        parse_train_args(["--config", str(ROOT / "recipes/toy_cpu.yaml"), "--environment", "toy"])

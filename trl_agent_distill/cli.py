@@ -22,7 +22,7 @@ import argparse
 import difflib
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,9 +76,11 @@ def make_init_tiny_parser(prog: str = f"{PROG} init-tiny"):
     return parser
 
 
-def parse_train_args(argv: list[str]):
+def parse_train_args(argv: list[str], prog: str = f"{PROG} train"):
     """Parse `train` arguments, failing on unknown recipe keys or wrongly typed values before anything loads."""
-    return parse_checked(make_train_parser(), argv)
+    from .config import MOVED_OPTIONS
+
+    return parse_checked(make_train_parser(prog), argv, moved=MOVED_OPTIONS)
 
 
 def parse_generate_args(argv: list[str]):
@@ -96,29 +98,30 @@ def parse_demo_args(argv: list[str]):
     return config
 
 
-def parse_checked(parser, argv: list[str]):
-    """`parser.parse_args_and_config(argv)` after `check_flags` and, with `--config`, `check_recipe`."""
-    check_flags(parser, argv)
+def parse_checked(parser, argv: list[str], moved: Mapping[str, str] | None = None):
+    """`parser.parse_args_and_config(argv)` after `check_flags` and, with `--config`, `check_recipe`; `moved` says
+    where options of an earlier release went."""
+    check_flags(parser, argv, moved)
     if "--config" in argv:
         index = argv.index("--config")
         if index + 1 >= len(argv):
             raise ValueError("--config needs the path of a YAML recipe.")
-        check_recipe(parser, argv[index + 1])
+        check_recipe(parser, argv[index + 1], moved)
     return parser.parse_args_and_config(args=argv)
 
 
 # ---------------------------------------------------------------------------------------------- what TrlParser skips
-def check_flags(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+def check_flags(parser: argparse.ArgumentParser, argv: list[str], moved: Mapping[str, str] | None = None) -> None:
     """Reject a command-line flag no dataclass has, suggesting the option it was probably meant to be."""
     options = {option for action in parser._actions for option in action.option_strings} | {"--config"}
     for token in argv:
         flag = token.split("=", 1)[0]
         if flag.startswith("--") and flag not in options:
-            raise ValueError(f"{parser.prog}: unknown option {flag}.{_did_you_mean(flag, options)} "
+            raise ValueError(f"{parser.prog}: unknown option {flag}.{_hint(flag, options, moved)} "
                              f"See `{parser.prog} --help`.")
 
 
-def check_recipe(parser: argparse.ArgumentParser, config_path: str) -> None:
+def check_recipe(parser: argparse.ArgumentParser, config_path: str, moved: Mapping[str, str] | None = None) -> None:
     """Reject unknown keys (with a suggestion) and values whose type or choice does not fit, naming the key and the
     file. `TrlParser` reads the file itself; it reports unknown keys only after the dataclasses are built (whose own
     checks may fail first, on a value the misspelt key was meant to change) and sets YAML values unconverted."""
@@ -136,7 +139,7 @@ def check_recipe(parser: argparse.ArgumentParser, config_path: str) -> None:
     actions = {action.dest: action for action in parser._actions}
     for key in config:
         if key not in actions and key != "env":
-            raise ValueError(f"Recipe {config_path}: unknown key '{key}'.{_did_you_mean(key, actions)} Check the "
+            raise ValueError(f"Recipe {config_path}: unknown key '{key}'.{_hint(key, actions, moved)} Check the "
                              f"spelling against `{parser.prog} --help`.")
     for key, value in config.items():
         if key == "env" or value is None:
@@ -159,8 +162,11 @@ def check_recipe(parser: argparse.ArgumentParser, config_path: str) -> None:
                 )
 
 
-def _did_you_mean(name: str, known) -> str:
+def _hint(name: str, known, moved: Mapping[str, str] | None) -> str:
+    """Where an option of an earlier release went, or the known option closest to a misspelt one."""
     bare = name.lstrip("-")
+    if moved and bare in moved:
+        return f" It moved into {moved[bare]}."
     matches = difflib.get_close_matches(bare, [option.lstrip("-") for option in known], n=1, cutoff=0.75)
     if not matches:
         return ""
@@ -193,8 +199,7 @@ def run_cache_teacher(argv: list[str]) -> Path:
     from .model_refs import check_model_reference
     from .training import cache_teacher
 
-    script_args, training_args, model_args, dataset_args = parse_checked(make_train_parser(f"{PROG} cache-teacher"),
-                                                                         argv)
+    script_args, training_args, model_args, dataset_args = parse_train_args(argv, prog=f"{PROG} cache-teacher")
     if training_args.teacher_model_name_or_path:
         check_model_reference(training_args.teacher_model_name_or_path, "teacher_model_name_or_path")
     return cache_teacher(script_args, training_args, model_args, dataset_args)

@@ -19,6 +19,14 @@ from .tasks import AgentTaskConfig, read_task_recipe, task_config_from
 LOSS_IMPLEMENTATIONS = ("chunked", "logits")
 # Worlds a rollout can name instead of its tasks and tools: they write their own and know how their agent acts.
 WORLDS = ("toy",)
+# The on-policy options of the previous release, and where they went (named when an old recipe uses them).
+MOVED_OPTIONS = {
+    "environment": "`rollout` (`rollout: toy` for the toy world, task settings for your own tasks)",
+    **{f"rollout_{old}": f"`rollout` as `{new}`" for old, new in (
+        ("tasks", "dataset_name"), ("corpus", "retrieval_corpus"), ("agent", "agent"),
+        ("task_variable", "task_variable"), ("retrieval_top_k", "retrieval_top_k"), ("max_steps", "max_agent_steps"),
+        ("max_new_tokens", "max_new_tokens"), ("temperature", "temperature"), ("top_p", "top_p"))},
+}
 # Rollouts sample (GKD's default temperature) and are short; the task settings override these.
 ROLLOUT_DEFAULTS = {"dataset_split": "train", "max_new_tokens": 256, "temperature": 0.9, "show_progress": False}
 
@@ -200,7 +208,9 @@ class AgentDistillConfig(GKDConfig):
             return {"world": self.rollout}
         if isinstance(self.rollout, str):
             if not self.rollout.endswith((".yaml", ".yml")):
-                raise ValueError(f"rollout: {self.rollout!r} is neither a world {list(WORLDS)} nor a .yaml task recipe.")
+                raise ValueError(
+                    f"rollout: {self.rollout!r} is neither a world {list(WORLDS)} nor a .yaml task recipe."
+                )
             return read_task_recipe(self.rollout, source="rollout")
         return None if self.rollout is None else dict(self.rollout)
 
