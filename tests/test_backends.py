@@ -98,7 +98,7 @@ def server(backend):
 @pytest.fixture
 def client(server):
     server.status, server.delay = 200, 0.0
-    with OpenAIBackend(server.base_url, MODEL_NAME, timeout=30, max_retries=0) as opened:
+    with OpenAIBackend(server.base_url, MODEL_NAME, request_timeout=30, max_retries=0) as opened:
         yield opened
 
 
@@ -292,7 +292,7 @@ def test_check_names_a_model_the_server_does_not_serve(server):
 def test_unreachable_server_is_a_clear_error_not_a_hang():
     url = f"http://127.0.0.1:{closed_port()}/v1"
     started = time.monotonic()
-    with OpenAIBackend(url, MODEL_NAME, timeout=2, max_retries=1) as unreachable:
+    with OpenAIBackend(url, MODEL_NAME, request_timeout=2, max_retries=1) as unreachable:
         with pytest.raises(BackendError, match=f"Cannot reach the model server at {url}"):
             unreachable.check()
         with pytest.raises(BackendError, match=f"Cannot reach the model server at {url}"):
@@ -312,10 +312,23 @@ def test_server_error_is_reported_with_its_status(misbehaving):
 def test_stalled_server_times_out(misbehaving):
     misbehaving.delay = 4.0
     started = time.monotonic()
-    with OpenAIBackend(misbehaving.base_url, MODEL_NAME, timeout=1.0, max_retries=0) as slow:
-        with pytest.raises(BackendError, match="did not answer within the timeout"):
+    with OpenAIBackend(misbehaving.base_url, MODEL_NAME, request_timeout=1.0, max_retries=0) as slow:
+        with pytest.raises(BackendError, match=r"did not answer within 1.0 s \(request_timeout\).*raise `request_timeout`"):
             slow.generate([GenerationRequest(conversation("q"), greedy(4))])
     assert time.monotonic() - started < 1.0 + 2.0
+
+
+def test_a_server_that_never_answers_fails_the_check_within_its_own_timeout(misbehaving):
+    """It accepts the connection and stalls: the check gives up after `check_timeout`, once, whatever the (long)
+    request timeout and its retries."""
+    misbehaving.delay = 5.0
+    started = time.monotonic()
+    with OpenAIBackend(misbehaving.base_url, MODEL_NAME, request_timeout=300, check_timeout=0.5, max_retries=2) as silent:
+        with pytest.raises(BackendError, match=r"did not answer within 0.5 s \(check_timeout\).*raise `check_timeout`"):
+            silent.check()
+    assert time.monotonic() - started < 3.0
+    with pytest.raises(ValueError, match="check_timeout must be > 0"):
+        OpenAIBackend(misbehaving.base_url, MODEL_NAME, check_timeout=0)
 
 
 def test_samples_share_their_prompt_encoding_without_changing_the_result(model, tiny_tokenizer):

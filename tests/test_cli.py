@@ -2,7 +2,14 @@ from pathlib import Path
 
 import pytest
 
-from trl_agent_distill.cli import main, parse_demo_args, parse_eval_args, parse_generate_args, parse_train_args
+from trl_agent_distill.cli import (
+    main,
+    parse_demo_args,
+    parse_eval_args,
+    parse_generate_args,
+    parse_train_args,
+    take_debug_flag,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 # Recipes are named after their command: `generate-*.yaml`, `eval-*.yaml`, the demo's, and the rest for `train`.
@@ -48,7 +55,7 @@ def test_every_recipe_parses_without_loading_anything(recipe):
     script_args, training_args, model_args, _ = parse_train_args(["--config", str(recipe)])
     assert model_args.model_name_or_path
     assert training_args.segmentation_style in ("codeact", "react", "none")
-    assert training_args.lmbda == 0.0 or training_args.environment  # on-policy recipes act in an environment
+    assert training_args.lmbda == 0.0 or training_args.rollout_task_config()  # on-policy recipes act as agents
     if training_args.needs_teacher:
         assert training_args.teacher_model_name_or_path
 
@@ -70,7 +77,7 @@ def test_flags_override_the_recipe():
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ("lambda_actt: 1.0", "unknown key.*lambda_actt"),
+        ("lamda_act: 1.0", "unknown key 'lamda_act'. Did you mean 'lambda_act'?"),
         ("lambda_act: high", "key 'lambda_act' has value 'high'"),
         ("max_steps: [3]", "key 'max_steps'"),
         ("segmentation_style: json", "key 'segmentation_style'.*choose one of"),
@@ -86,7 +93,58 @@ def test_bad_recipes_fail_naming_the_key(tmp_path, line, message):
 def test_command_usage(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["nonsense"])
+    assert exit_.value.code == 2 and "invalid choice: 'nonsense'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main([])
     assert exit_.value.code == 2 and "train" in capsys.readouterr().out
+
+
+def user_error(capsys, argv: list[str]) -> str:
+    """What `main(argv)` prints for a user error: it exits with status 2 and no traceback."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    printed = capsys.readouterr()
+    # Before the message: what libraries printed on the way (a progress bar; in a process where a Trainer ran before,
+    # datasets also logs the parse error it met). The exit itself raised no traceback: SystemExit(2) was raised.
+    assert printed.err.count("trl-agent-distill: error: ") == 1
+    message = printed.err.split("trl-agent-distill: error: ")[1]
+    assert "Traceback" not in message
+    return message
+
+
+def test_user_errors_are_one_message_with_a_suggestion(tmp_path, capsys):
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text((ROOT / "recipes/toy_cpu.yaml").read_text() + "lamda_act: 2.0\n")
+    message = user_error(capsys, ["train", "--config", str(recipe)])
+    assert "unknown key 'lamda_act'. Did you mean 'lambda_act'?" in message and str(recipe) in message
+    assert "Did you mean '--lambda_act'?" in user_error(capsys, ["train", "--config", str(recipe), "--lamda_act", "1"])
+    assert "recipes/missing.yaml does not exist" in user_error(capsys, ["eval", "--config", "recipes/missing.yaml"])
+    assert "No models to evaluate" in user_error(capsys, ["eval", "--dataset_name", "tasks.jsonl"])
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    for argv in (["--debug", "demo", "--config", str(tmp_path / "missing.yaml")],
+                 ["demo", "--config", str(tmp_path / "missing.yaml"), "--debug"]):
+        with pytest.raises(FileNotFoundError, match="missing.yaml does not exist"):
+            main(argv)
+    # After `train`, `--debug VALUE` is TrainingArguments' own option and stays with it.
+    assert take_debug_flag(["train", "--debug", "underflow_overflow", "--debug"]) == (
+        True, ["train", "--debug", "underflow_overflow"])
+
+
+def test_every_model_is_checked_before_any_work(tmp_path, capsys):
+    (tmp_path / "first").mkdir()
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text('{"id": "1", "question": "q?", "answer": "a"}\n')
+    message = user_error(capsys, ["eval", "--dataset_name", str(tasks), "--output_dir", str(tmp_path / "out"),
+                                  "--models", str(tmp_path / "first"), str(tmp_path / "typo/student")])
+    assert f"the model directory {tmp_path / 'typo/student'} does not exist" in message
+    assert not (tmp_path / "out").exists()  # the first model was not evaluated first
+    message = user_error(capsys, ["train", "--config", str(ROOT / "recipes/toy_cpu.yaml"),
+                                  "--model_name_or_path", "nobody/no-such-model", "--output_dir", str(tmp_path / "t")])
+    assert "model_name_or_path: nobody/no-such-model is not a local directory" in message
+    assert "HF_HUB_OFFLINE" in message
 
 
 def test_demo_path_end_to_end(tmp_path, capsys):
@@ -120,3 +178,55 @@ def test_smolagents_rows_train_through_the_dataset_option(tmp_path):
         ]
     )
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_the_agent_step_limit_has_its_own_name_and_the_old_key_still_works(tmp_path):
+    recipe = tmp_path / "old.yaml"
+    old = (ROOT / "recipes/generate-hotpotqa-codeact.yaml").read_text().replace("max_agent_steps:", "max_steps:")
+    recipe.write_text(old)
+    with pytest.warns(FutureWarning, match="`max_steps` is deprecated.*use `max_agent_steps`"):
+        config = parse_generate_args(["--config", str(recipe)])
+    assert (config.max_agent_steps, config.max_steps) == (5, None)
+    with pytest.warns(FutureWarning, match="use `max_agent_steps`"):
+        assert parse_demo_args(["--max_steps", "2"]).max_agent_steps == 2
+    config = parse_eval_args(["--config", str(ROOT / "recipes/eval-hotpotqa.yaml"), "--max_agent_steps", "3"])
+    assert config.max_agent_steps == 3
+
+
+def test_progress_bars_name_the_model_they_measure(tmp_path, capsys):
+    from trl_agent_distill.agent import PolicyBackend
+    from trl_agent_distill.envs import ToyWorld
+    from trl_agent_distill.evaluation import EvalConfig, evaluate
+    from trl_agent_distill.generation import GenerateConfig, generate_trajectories
+
+    world = ToyWorld.generate(seed=1, num_towns=12, train_tasks=2, test_tasks=2)
+    world.save(tmp_path / "world")
+    oracle = PolicyBackend(world.oracle)
+    generate_trajectories(GenerateConfig(**ToyWorld.task_settings(tmp_path / "world"), model_name_or_path="oracle",
+                                         output_dir=str(tmp_path / "gen")), backend=oracle)
+    assert "oracle episodes" in capsys.readouterr().err
+    evaluate(EvalConfig(**ToyWorld.task_settings(tmp_path / "world", "test"), models=["good=oracle"],
+                        output_dir=str(tmp_path / "eval")), backends={"good": oracle})
+    assert "good agent-greedy" in capsys.readouterr().err
+
+
+def test_a_malformed_row_is_one_message(tmp_path, capsys):
+    for name in ("student", "teacher"):
+        (tmp_path / name).mkdir()
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"messages": [{"role": "user", "content": "q"}]}\n{"messages": [\n')
+    message = user_error(capsys, [
+        "train", "--config", str(ROOT / "recipes/toy_cpu.yaml"), "--model_name_or_path", str(tmp_path / "student"),
+        "--teacher_model_name_or_path", str(tmp_path / "teacher"), "--dataset_name", str(rows),
+        "--output_dir", str(tmp_path / "out"),
+    ])
+    assert str(rows) in message and "line 2" in message
+
+
+def test_an_option_of_the_previous_release_says_where_it_went(tmp_path):
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text((ROOT / "recipes/toy_cpu.yaml").read_text() + "rollout_tasks: tasks.jsonl\n")
+    with pytest.raises(ValueError, match="unknown key 'rollout_tasks'. It moved into `rollout` as `dataset_name`"):
+        parse_train_args(["--config", str(recipe)])
+    with pytest.raises(ValueError, match="unknown option --environment. It moved into `rollout`"):
+        parse_train_args(["--config", str(ROOT / "recipes/toy_cpu.yaml"), "--environment", "toy"])

@@ -69,9 +69,8 @@ def test_two_processes_each_play_their_own_episodes(tmp_path, recipe_args):
     from trl_agent_distill.tasks import AgentTaskConfig
 
     world = ToyWorld.generate(seed=5, num_towns=30, train_tasks=12, test_tasks=4)
-    paths = world.save(tmp_path / "world")
-    config = AgentTaskConfig(dataset_name=str(paths["train"]), retrieval_corpus=str(paths["corpus"]),
-                             retrieval_top_k=1, task_variable="task")
+    world.save(tmp_path / "world")
+    config = AgentTaskConfig(**ToyWorld.task_settings(tmp_path / "world"))
     rows = AgentRollouts(config, None).collect(None, 4, backend=PolicyBackend(world.oracle)).rows
     write_jsonl(tmp_path / "trajectories.jsonl", rows)
     models = dict(zip(recipe_args[::2], recipe_args[1::2]))
@@ -79,9 +78,10 @@ def test_two_processes_each_play_their_own_episodes(tmp_path, recipe_args):
         "train", "--config", str(ROOT / "recipes/toy_onpolicy_sad.yaml"),
         "--model_name_or_path", models["--model_name_or_path"],
         "--teacher_model_name_or_path", models["--teacher_model_name_or_path"],
-        "--dataset_name", str(tmp_path / "trajectories.jsonl"), "--rollout_tasks", str(paths["train"]),
-        "--rollout_corpus", str(paths["corpus"]), "--lmbda", "1.0", "--rollout_max_new_tokens", "16",
-        "--rollout_max_steps", "2", "--max_steps", "2", "--per_device_train_batch_size", "1", "--logging_steps", "1",
+        "--dataset_name", str(tmp_path / "trajectories.jsonl"), "--lmbda", "1.0",
+        "--rollout", json.dumps({**ToyWorld.task_settings(tmp_path / "world"), "max_new_tokens": 16,
+                                 "max_agent_steps": 2}),
+        "--max_steps", "2", "--per_device_train_batch_size", "1", "--logging_steps", "1",
         "--disable_tqdm", "true", "--output_dir", str(tmp_path / "out"),
     ])
     history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]

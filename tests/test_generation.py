@@ -73,7 +73,7 @@ def make_config(tmp_path, **overrides) -> GenerateConfig:
         shutil.copy(CORPUS, corpus)
     options = dict(
         model_name_or_path="oracle", dataset_name=str(write_tasks(tmp_path / "tasks.jsonl")),
-        retrieval_corpus=str(corpus), max_steps=3, batch_size=4, output_dir=str(tmp_path / "out"),
+        retrieval_corpus=str(corpus), max_agent_steps=3, batch_size=4, output_dir=str(tmp_path / "out"),
         show_progress=False,
     )
     return GenerateConfig(**{**options, **overrides})
@@ -204,8 +204,8 @@ def test_a_killed_run_loses_only_episodes_in_flight(tmp_path):
 
 def test_changed_settings_are_refused_on_resume(tmp_path):
     generate_trajectories(make_config(tmp_path, max_tasks=1), backend=PolicyBackend(oracle))
-    with pytest.raises(ValueError, match=r"other settings \(max_steps: 3 -> 4\)"):
-        generate_trajectories(make_config(tmp_path, max_steps=4), backend=PolicyBackend(oracle))
+    with pytest.raises(ValueError, match=r"other settings \(max_agent_steps: 3 -> 4\)"):
+        generate_trajectories(make_config(tmp_path, max_agent_steps=4), backend=PolicyBackend(oracle))
     generate_trajectories(make_config(tmp_path, batch_size=2), backend=PolicyBackend(oracle))  # harmless change
 
 
@@ -234,7 +234,8 @@ def test_generate_command_runs_a_recipe_with_a_local_model(tmp_path, tiny_model_
     recipe = tmp_path / "generate.yaml"
     recipe.write_text(yaml.safe_dump({
         "model_name_or_path": str(model_dir), "dataset_name": str(write_tasks(tmp_path / "tasks.jsonl")),
-        "retrieval_corpus": make_config(tmp_path).retrieval_corpus, "max_steps": 2, "max_new_tokens": 8, "batch_size": 5,
+        "retrieval_corpus": make_config(tmp_path).retrieval_corpus, "max_agent_steps": 2, "max_new_tokens": 8,
+        "batch_size": 5,
         "first_thought_prefix": True, "cot_max_new_tokens": 8, "output_dir": str(tmp_path / "out"),
         "show_progress": False,
     }))
@@ -246,5 +247,5 @@ def test_generate_command_runs_a_recipe_with_a_local_model(tmp_path, tiny_model_
     assert all(1 <= r["steps"] <= 2 for r in records)
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"model_name_or_path": str(model_dir), "max_stepz": 3}))
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['max_stepz'\].*trl-agent-distill generate --help"):
+    with pytest.raises(ValueError, match=r"unknown key 'max_stepz'.*trl-agent-distill generate --help"):
         cli_run(["generate", "--config", str(bad)])

@@ -2,18 +2,21 @@
 and ACT tokens, observations are never trained; empty and crashed rollouts are counted, not fatal."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from trl_agent_distill import AgentDistillConfig, AgentDistillTrainer
 from trl_agent_distill.agent import PolicyBackend
 from trl_agent_distill.collator import AgentTrajectoryCollator
-from trl_agent_distill.quantization import linear_4bit_layers
 from trl_agent_distill.envs import ToyWorld
+from trl_agent_distill.quantization import linear_4bit_layers
 from trl_agent_distill.rollout import AgentRollouts
 from trl_agent_distill.segmentation import TrajectoryFormatError, segment_messages
+from trl_agent_distill.tasks import AgentTaskConfig
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -30,11 +33,11 @@ def world_dir(world, tmp_path_factory):
     return directory
 
 
-def rollout_args(tmp_path, world_dir, **overrides):
+def rollout_args(tmp_path, world_dir, rollout=None, **overrides):
+    """Training arguments whose rollouts act in the world saved in `world_dir` (`rollout` overrides its settings)."""
+    settings = {**ToyWorld.task_settings(world_dir), "max_agent_steps": 2, "max_new_tokens": 24, **(rollout or {})}
     options = dict(
-        output_dir=str(tmp_path / "run"), environment="tasks", rollout_tasks=str(world_dir / "train.jsonl"),
-        rollout_corpus=str(world_dir / "corpus.jsonl"), rollout_task_variable="task", rollout_retrieval_top_k=1,
-        rollout_max_steps=2, rollout_max_new_tokens=24, lmbda=1.0, segmentation_style="codeact", max_steps=2,
+        output_dir=str(tmp_path / "run"), rollout=settings, lmbda=1.0, segmentation_style="codeact", max_steps=2,
         per_device_train_batch_size=2, logging_steps=1, learning_rate=1e-3, save_strategy="no", report_to="none",
         use_cpu=True, activation_checkpointing=False,
     )
@@ -117,18 +120,51 @@ def test_on_policy_training_plays_episodes_and_logs_their_cost(tmp_path, world_d
     assert trainer.model.training
 
 
-def test_the_toy_environment_and_bad_settings(tmp_path, world_dir):
-    args = AgentDistillConfig(output_dir=str(tmp_path), environment="toy", lmbda=0.5, use_cpu=True)
-    config = args.rollout_task_config(str(tmp_path / "toy_world"))
-    assert config.task_variable == "task" and config.dataset_name.endswith("toy_world/train.jsonl")
-    with pytest.raises(ValueError, match="needs `rollout_tasks`"):
-        AgentDistillConfig(output_dir=str(tmp_path), environment="tasks", lmbda=0.5, use_cpu=True)
-    with pytest.raises(ValueError, match="environment must be one of"):
-        AgentDistillConfig(output_dir=str(tmp_path), environment="alfworld", lmbda=0.5, use_cpu=True)
+def test_the_rollout_setting_is_a_task_config(tmp_path, world_dir):
+    config = rollout_args(tmp_path, world_dir, {"temperature": 0.7}).rollout_task_config()
+    assert isinstance(config, AgentTaskConfig)
+    assert (config.dataset_name, config.retrieval_top_k, config.task_variable) == (
+        str(world_dir / "train.jsonl"), 1, "task")
+    assert (config.max_agent_steps, config.max_new_tokens, config.temperature) == (2, 24, 0.7)
+    assert not config.show_progress
+    recipe = tmp_path / "rollout.yaml"
+    recipe.write_text(yaml.safe_dump({"dataset_name": str(world_dir / "train.jsonl"), "agent": "react"}))
+    from_file = AgentDistillConfig(output_dir=str(tmp_path), rollout=str(recipe), lmbda=0.5, use_cpu=True)
+    assert from_file.rollout_task_config().agent == "react"
+    assert from_file.rollout_task_config().temperature == 0.9  # rollouts sample unless told otherwise
+    assert AgentDistillConfig(output_dir=str(tmp_path), use_cpu=True).rollout_task_config() is None
+
+
+def test_a_world_brings_its_own_tasks_and_tools(tmp_path):
+    args = AgentDistillConfig(output_dir=str(tmp_path), rollout="toy", lmbda=0.5, use_cpu=True)
+    config = args.rollout_task_config()
+    assert config.task_variable == "task" and config.retrieval_top_k == 1
+    assert config.dataset_name == str(tmp_path / "toy_world" / "train.jsonl")
+    recipe = tmp_path / "toy.yaml"
+    recipe.write_text("world: toy\nmax_agent_steps: 3\n")
+    for rollout in ({"world": "toy", "max_agent_steps": 3}, str(recipe)):
+        args = AgentDistillConfig(output_dir=str(tmp_path), rollout=rollout, use_cpu=True)
+        assert args.rollout_world == "toy" and args.rollout_task_config().max_agent_steps == 3
+
+
+@pytest.mark.parametrize(("rollout", "message"), [
+    ({"dataset_nam": "tasks.jsonl"}, "rollout: unknown task option 'dataset_nam'. Did you mean 'dataset_name'?"),
+    ({"retrieval_top_k": 2}, "rollout needs `dataset_name`"),
+    ({"dataset_name": "t.jsonl", "max_agent_steps": 0}, "rollout: max_agent_steps must be >= 1"),
+    ({"world": "alfworld"}, "unknown world 'alfworld'"),
+    ("missing.yaml", "the task recipe missing.yaml does not exist"),
+    ("alfworld", "neither a world"),
+])
+def test_bad_rollout_settings_fail_when_the_config_is_built(tmp_path, rollout, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
+        AgentDistillConfig(output_dir=str(tmp_path), rollout=rollout, lmbda=0.5, use_cpu=True)
+
+
+def test_bad_tasks_fail_before_training(tmp_path, world_dir):
     bad = tmp_path / "tasks.jsonl"
     bad.write_text(json.dumps({"prompt": "no question field"}) + "\n")
     with pytest.raises(ValueError, match="question"):
-        AgentRollouts(rollout_args(tmp_path, world_dir, rollout_tasks=str(bad)).rollout_task_config(), None)
+        AgentRollouts(rollout_args(tmp_path, world_dir, {"dataset_name": str(bad)}).rollout_task_config(), None)
 
 
 def test_the_on_policy_recipe_trains_on_cpu(tmp_path, world, world_dir, tiny_model_dir):
@@ -140,8 +176,8 @@ def test_the_on_policy_recipe_trains_on_cpu(tmp_path, world, world_dir, tiny_mod
         "train", "--config", str(Path(__file__).resolve().parents[1] / "recipes" / "toy_onpolicy_sad.yaml"),
         "--model_name_or_path", str(tiny_model_dir("student")), "--teacher_model_name_or_path",
         str(tiny_model_dir("teacher")), "--dataset_name", str(trajectories),
-        "--rollout_tasks", str(world_dir / "train.jsonl"), "--rollout_corpus", str(world_dir / "corpus.jsonl"),
-        "--rollout_max_new_tokens", "16", "--rollout_max_steps", "2", "--max_steps", "4",
+        "--rollout", json.dumps({**ToyWorld.task_settings(world_dir), "max_new_tokens": 16, "max_agent_steps": 2}),
+        "--max_steps", "4",
         "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--logging_steps", "2",
         "--output_dir", str(tmp_path / "run"),
     ])
@@ -211,8 +247,6 @@ def _rows(world, world_dir):
     """A few oracle trajectories of `world` (saved in `world_dir`), as the off-policy dataset."""
     import datasets
 
-    config = AgentDistillConfig(output_dir="unused", environment="tasks", rollout_tasks=str(world_dir / "train.jsonl"),
-                                rollout_corpus=str(world_dir / "corpus.jsonl"), rollout_task_variable="task",
-                                rollout_retrieval_top_k=1, use_cpu=True).rollout_task_config()
+    config = AgentTaskConfig(**ToyWorld.task_settings(world_dir))
     batch = AgentRollouts(config, None).collect(None, 4, backend=PolicyBackend(world.oracle))
     return datasets.Dataset.from_list(batch.rows)

@@ -4,52 +4,82 @@
 
 Making data and measuring students: `generate_trajectories` / `GenerateConfig` (a teacher acting as an agent),
 `evaluate` / `EvalConfig` (students as agents, greedy or self-consistent), `AgentRollouts` (the student's own
-episodes for on-policy training), `run_demo` / `DemoConfig` (the toy-world pipeline); the agent runtime is in
-`trl_agent_distill.agent`, environments in `trl_agent_distill.envs`.
+episodes for on-policy training), `run_demo` / `DemoConfig` (the toy-world pipeline), `train` / `cache_teacher`
+(a training recipe's run); the agent runtime is in `trl_agent_distill.agent`, environments in
+`trl_agent_distill.envs`.
+
+The names below load on first use (PEP 562, as TRL's `_LazyModule`): `import trl_agent_distill` and the command
+line's `--help` load no torch.
 """
 
+import importlib
 import os
+from typing import TYPE_CHECKING
 
 # The trainer builds on TRL's experimental GKD trainer; its import warning says nothing actionable to our users.
+# Set here, once: every module of the package is imported after this file.
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-
-from .chat_template import ChatTemplateRenderer, end_of_turn_tokens  # noqa: E402
-from .collator import AgentTrajectoryCollator  # noqa: E402
-from .config import AgentDistillConfig  # noqa: E402
-from .data import DATASET_FORMATS, from_smolagents_log, prepare_trajectory_dataset  # noqa: E402
-from .demo import DemoConfig, run_demo  # noqa: E402
-from .evaluation import EvalConfig, evaluate  # noqa: E402
-from .generation import GenerateConfig, generate_trajectories  # noqa: E402
-from .losses import SpanLossOutput, span_divergence_loss  # noqa: E402
-from .metrics import answers_match, score_answer  # noqa: E402
-from .rollout import AgentRollouts  # noqa: E402
-from .segmentation import Span, TrajectoryFormatError, segment_messages, segment_text  # noqa: E402
-from .trainer import AgentDistillTrainer  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AgentDistillConfig",
-    "AgentDistillTrainer",
-    "AgentRollouts",
-    "AgentTrajectoryCollator",
-    "ChatTemplateRenderer",
-    "DATASET_FORMATS",
-    "DemoConfig",
-    "EvalConfig",
-    "GenerateConfig",
-    "Span",
-    "SpanLossOutput",
-    "TrajectoryFormatError",
-    "answers_match",
-    "end_of_turn_tokens",
-    "evaluate",
-    "from_smolagents_log",
-    "generate_trajectories",
-    "prepare_trajectory_dataset",
-    "run_demo",
-    "score_answer",
-    "segment_messages",
-    "segment_text",
-    "span_divergence_loss",
-]
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "AgentDistillConfig": "config",
+    "AgentDistillScriptArguments": "training",
+    "AgentDistillTrainer": "trainer",
+    "AgentRollouts": "rollout",
+    "AgentTaskConfig": "tasks",
+    "AgentTrajectoryCollator": "collator",
+    "ChatTemplateRenderer": "chat_template",
+    "DATASET_FORMATS": "data",
+    "DemoConfig": "demo",
+    "EvalConfig": "evaluation",
+    "GenerateConfig": "generation",
+    "Span": "segmentation",
+    "SpanLossOutput": "losses",
+    "TrajectoryFormatError": "segmentation",
+    "answers_match": "metrics",
+    "cache_teacher": "training",
+    "end_of_turn_tokens": "chat_template",
+    "evaluate": "evaluation",
+    "from_smolagents_log": "data",
+    "generate_trajectories": "generation",
+    "prepare_trajectory_dataset": "data",
+    "run_demo": "demo",
+    "score_answer": "metrics",
+    "segment_messages": "segmentation",
+    "segment_text": "segmentation",
+    "span_divergence_loss": "losses",
+    "train": "training",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # the names for type checkers and IDEs; `__all__` lists them from `_EXPORTS`
+    from .chat_template import ChatTemplateRenderer, end_of_turn_tokens  # noqa: F401
+    from .collator import AgentTrajectoryCollator  # noqa: F401
+    from .config import AgentDistillConfig  # noqa: F401
+    from .data import DATASET_FORMATS, from_smolagents_log, prepare_trajectory_dataset  # noqa: F401
+    from .demo import DemoConfig, run_demo  # noqa: F401
+    from .evaluation import EvalConfig, evaluate  # noqa: F401
+    from .generation import GenerateConfig, generate_trajectories  # noqa: F401
+    from .losses import SpanLossOutput, span_divergence_loss  # noqa: F401
+    from .metrics import answers_match, score_answer  # noqa: F401
+    from .rollout import AgentRollouts  # noqa: F401
+    from .segmentation import Span, TrajectoryFormatError, segment_messages, segment_text  # noqa: F401
+    from .tasks import AgentTaskConfig  # noqa: F401
+    from .trainer import AgentDistillTrainer  # noqa: F401
+    from .training import AgentDistillScriptArguments, cache_teacher, train  # noqa: F401

@@ -6,115 +6,141 @@
     trl-agent-distill cache-teacher --config recipes/toy_cpu.yaml --teacher_cache outputs/toy_cache
     trl-agent-distill init-tiny --output_dir outputs/toy
     trl-agent-distill demo --config recipes/toy_demo.yaml [--stages eval report]
+    trl-agent-distill <command> ... --debug   # a user error shows its traceback too
 
-`generate` runs a teacher as an agent over a task dataset and writes its correct trajectories (see `generation`);
-`eval` compares models as agents and as chain-of-thought answerers (see `evaluation`); `demo` runs the whole toy-world
-pipeline (see `demo`).
-`train` parses a recipe with TRL's `TrlParser` (flat keys across the script, trainer, model and dataset-mixture
-dataclasses; command-line flags override the YAML) and runs `AgentDistillTrainer`; it also works under
-`accelerate launch -m trl_agent_distill train ...`. Recipes are checked (unknown keys, wrong types) before any model
-loads. `init-tiny` writes a tiny teacher / student pair for the CPU demo and tests.
+Each command has its own parser (`make_parser` below, TRL's `TrlParser` over the command's dataclasses: flat keys,
+command-line flags override the YAML), built only when the command runs, so `--help` loads no model library.
+`check_recipe` adds what `TrlParser` does not check before the dataclasses are built: unknown keys with a
+suggestion, values of the wrong type or outside the choices. Every model a recipe names is checked before any work
+starts (`model_refs`). A user error (a bad key or value, a missing file, a malformed row) prints one message and
+exits with status 2. `train` also works under `accelerate launch -m trl_agent_distill train ...`.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
-import os
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import yaml
-
-from .config import AgentDistillConfig
-from .data import DATASET_FORMATS
+PROG = "trl-agent-distill"
 
 
-@dataclass
-class AgentDistillScriptArguments:
-    """Dataset options of `trl-agent-distill train` (besides TRL's `datasets:` mixture)."""
-
-    dataset_name: str | None = field(
-        default=None,
-        metadata={"help": "Hub dataset name, local dataset directory, or a local .json/.jsonl/.parquet/.csv file."},
-    )
-    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on (when eval is on)."})
-    dataset_format: str = field(
-        default="auto",
-        metadata={
-            "help": "Row format: 'messages' (chat), 'text' (plain trajectory, optional 'prompt'), 'smolagents' "
-            "(released agent-distillation rows with 'log_data'), or 'auto' to detect from the columns.",
-            "choices": list(DATASET_FORMATS),
-        },
-    )
-
-
-def make_train_parser():
+# ---------------------------------------------------------------------------------------------- one parser per command
+def make_train_parser(prog: str = f"{PROG} train"):
     from trl import DatasetMixtureConfig, ModelConfig, TrlParser
 
-    return TrlParser(
-        (AgentDistillScriptArguments, AgentDistillConfig, ModelConfig, DatasetMixtureConfig),
-        prog="trl-agent-distill train",
-    )
+    from .config import AgentDistillConfig
+    from .training import AgentDistillScriptArguments
+
+    return TrlParser((AgentDistillScriptArguments, AgentDistillConfig, ModelConfig, DatasetMixtureConfig), prog=prog)
 
 
-def parse_train_args(argv: list[str]):
-    """Parse `train` arguments, failing on unknown recipe keys or wrongly typed values before anything loads."""
-    return _parse_checked(make_train_parser(), argv)
-
-
-def parse_generate_args(argv: list[str]):
+def make_generate_parser(prog: str = f"{PROG} generate"):
     from trl import TrlParser
 
     from .generation import GenerateConfig
 
-    (config,) = _parse_checked(TrlParser((GenerateConfig,), prog="trl-agent-distill generate"), argv)
-    return config
+    return TrlParser((GenerateConfig,), prog=prog)
 
 
-def parse_demo_args(argv: list[str]):
-    from trl import TrlParser
-
-    from .demo import DemoConfig
-
-    (config,) = _parse_checked(TrlParser((DemoConfig,), prog="trl-agent-distill demo"), argv)
-    return config
-
-
-def parse_eval_args(argv: list[str]):
+def make_eval_parser(prog: str = f"{PROG} eval"):
     from trl import TrlParser
 
     from .evaluation import EvalConfig
 
-    (config,) = _parse_checked(TrlParser((EvalConfig,), prog="trl-agent-distill eval"), argv)
+    return TrlParser((EvalConfig,), prog=prog)
+
+
+def make_demo_parser(prog: str = f"{PROG} demo"):
+    from trl import TrlParser
+
+    from .demo import DemoConfig
+
+    return TrlParser((DemoConfig,), prog=prog)
+
+
+def make_init_tiny_parser(prog: str = f"{PROG} init-tiny"):
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Write a tiny tokenizer, a teacher briefly fine-tuned on the toy trajectories, and a smaller "
+        "student, for the offline CPU demo.",
+    )
+    parser.add_argument("--output_dir", default="outputs/toy")
+    parser.add_argument("--teacher_sft_steps", type=int, default=80, help="SFT steps that make the teacher a teacher.")
+    parser.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def parse_train_args(argv: list[str], prog: str = f"{PROG} train"):
+    """Parse `train` arguments, failing on unknown recipe keys or wrongly typed values before anything loads."""
+    from .config import MOVED_OPTIONS
+
+    return parse_checked(make_train_parser(prog), argv, moved=MOVED_OPTIONS)
+
+
+def parse_generate_args(argv: list[str]):
+    (config,) = parse_checked(make_generate_parser(), argv)
     return config
 
 
-def _parse_checked(parser, argv: list[str]):
+def parse_eval_args(argv: list[str]):
+    (config,) = parse_checked(make_eval_parser(), argv)
+    return config
+
+
+def parse_demo_args(argv: list[str]):
+    (config,) = parse_checked(make_demo_parser(), argv)
+    return config
+
+
+def parse_checked(parser, argv: list[str], moved: Mapping[str, str] | None = None):
+    """`parser.parse_args_and_config(argv)` after `check_flags` and, with `--config`, `check_recipe`; `moved` says
+    where options of an earlier release went."""
+    check_flags(parser, argv, moved)
     if "--config" in argv:
-        config_path = argv[argv.index("--config") + 1]
-        check_recipe(parser, config_path)
+        index = argv.index("--config")
+        if index + 1 >= len(argv):
+            raise ValueError("--config needs the path of a YAML recipe.")
+        check_recipe(parser, argv[index + 1], moved)
     return parser.parse_args_and_config(args=argv)
 
 
-def check_recipe(parser: argparse.ArgumentParser, config_path: str) -> None:
-    """Reject unknown keys and values whose type does not fit the field, naming the key and the file."""
+# ---------------------------------------------------------------------------------------------- what TrlParser skips
+def check_flags(parser: argparse.ArgumentParser, argv: list[str], moved: Mapping[str, str] | None = None) -> None:
+    """Reject a command-line flag no dataclass has, suggesting the option it was probably meant to be."""
+    options = {option for action in parser._actions for option in action.option_strings} | {"--config"}
+    for token in argv:
+        flag = token.split("=", 1)[0]
+        if flag.startswith("--") and flag not in options:
+            raise ValueError(f"{parser.prog}: unknown option {flag}.{_hint(flag, options, moved)} "
+                             f"See `{parser.prog} --help`.")
+
+
+def check_recipe(parser: argparse.ArgumentParser, config_path: str, moved: Mapping[str, str] | None = None) -> None:
+    """Reject unknown keys (with a suggestion) and values whose type or choice does not fit, naming the key and the
+    file. `TrlParser` reads the file itself; it reports unknown keys only after the dataclasses are built (whose own
+    checks may fail first, on a value the misspelt key was meant to change) and sets YAML values unconverted."""
+    import yaml
+
     path = Path(config_path)
     if not path.is_file():
-        raise FileNotFoundError(f"Recipe {config_path} does not exist.")
-    config = yaml.safe_load(path.read_text())
+        raise FileNotFoundError(f"The recipe {config_path} does not exist.")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"The recipe {config_path} is not valid YAML: {error}") from None
     if not isinstance(config, dict):
-        raise ValueError(f"Recipe {config_path} must be a YAML mapping of option: value.")
+        return  # TrlParser names the file and asks for a mapping
     actions = {action.dest: action for action in parser._actions}
-    unknown = sorted(key for key in config if key not in actions and key != "env")
-    if unknown:
-        raise ValueError(
-            f"Recipe {config_path}: unknown key(s) {unknown}. Check the spelling against "
-            f"`{parser.prog} --help`."
-        )
+    for key in config:
+        if key not in actions and key != "env":
+            raise ValueError(f"Recipe {config_path}: unknown key '{key}'.{_hint(key, actions, moved)} Check the "
+                             f"spelling against `{parser.prog} --help`.")
     for key, value in config.items():
         if key == "env" or value is None:
             continue
@@ -136,209 +162,176 @@ def check_recipe(parser: argparse.ArgumentParser, config_path: str) -> None:
                 )
 
 
+def _hint(name: str, known, moved: Mapping[str, str] | None) -> str:
+    """Where an option of an earlier release went, or the known option closest to a misspelt one."""
+    bare = name.lstrip("-")
+    if moved and bare in moved:
+        return f" It moved into {moved[bare]}."
+    matches = difflib.get_close_matches(bare, [option.lstrip("-") for option in known], n=1, cutoff=0.75)
+    if not matches:
+        return ""
+    return f" Did you mean '{'--' if name.startswith('--') else ''}{matches[0]}'?"
+
+
 def _is_structured(value) -> bool:
     return isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, dict) for v in value))
 
 
-def load_trajectory_splits(script_args: AgentDistillScriptArguments, dataset_args):
-    """Load the training data from a `datasets:` mixture, a hub name, a directory or a local file."""
-    from datasets import DatasetDict
-    from trl import get_dataset
+# ---------------------------------------------------------------------------------------------- the commands
+def run_train(argv: list[str]):
+    from .model_refs import check_model_reference
+    from .training import format_span_losses, train
 
-    from .data import load_any_dataset, prepare_trajectory_dataset
-
-    if dataset_args.datasets:
-        dataset = get_dataset(dataset_args)
-    elif script_args.dataset_name is None:
-        raise ValueError("No training data: set `dataset_name` or a `datasets:` mixture in the recipe.")
-    else:
-        dataset = load_any_dataset(
-            script_args.dataset_name, script_args.dataset_config, local_split=script_args.dataset_train_split
-        )
-    if not isinstance(dataset, DatasetDict):
-        dataset = DatasetDict({script_args.dataset_train_split: dataset})
-    return DatasetDict(
-        {split: prepare_trajectory_dataset(rows, script_args.dataset_format) for split, rows in dataset.items()}
-    )
-
-
-def train(script_args, training_args: AgentDistillConfig, model_args, dataset_args):
-    from trl import get_peft_config, get_quantization_config
-
-    from .trainer import AgentDistillTrainer
-
-    training_args.model_init_kwargs = {
-        "revision": model_args.model_revision,
-        "trust_remote_code": training_args.trust_remote_code,
-        "attn_implementation": model_args.attn_implementation,
-        "dtype": model_args.dtype,
-        **(training_args.model_init_kwargs or {}),
-    }
-    splits = load_trajectory_splits(script_args, dataset_args)
-    if script_args.dataset_train_split not in splits:
-        raise ValueError(
-            f"The dataset has no split '{script_args.dataset_train_split}' (it has {list(splits)}); set "
-            "dataset_train_split."
-        )
-    eval_dataset = None
-    if training_args.eval_strategy != "no":
-        if script_args.dataset_test_split not in splits:
-            raise ValueError(
-                f"eval_strategy is '{training_args.eval_strategy}' but the dataset has no split "
-                f"'{script_args.dataset_test_split}' (it has {list(splits)}); set dataset_test_split."
-            )
-        eval_dataset = splits[script_args.dataset_test_split]
-    trainer = AgentDistillTrainer(
-        model=model_args.model_name_or_path,
-        args=training_args,
-        train_dataset=splits[script_args.dataset_train_split],
-        eval_dataset=eval_dataset,
-        quantization_config=get_quantization_config(model_args),
-        peft_config=get_peft_config(model_args),
-    )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    trainer.save_state()  # trainer_state.json: the log history, for plots and comparisons
+    script_args, training_args, model_args, dataset_args = parse_train_args(argv)
+    if not model_args.model_name_or_path:
+        raise ValueError("No student: set `model_name_or_path` (a local directory or a hub name).")
+    check_model_reference(model_args.model_name_or_path, "model_name_or_path")
+    if training_args.needs_teacher and training_args.teacher_model_name_or_path:
+        check_model_reference(training_args.teacher_model_name_or_path, "teacher_model_name_or_path")
+    trainer = train(script_args, training_args, model_args, dataset_args)
     if trainer.accelerator.is_main_process:
         print(format_span_losses(trainer.state.log_history))
         print(f"Saved the trained model to {training_args.output_dir}")
-    # Release the DDP wrapper while its process group is alive: a gloo reducer freed after the group is
-    # destroyed blocks the process from exiting.
-    trainer.model_wrapped = trainer.model
-    trainer.accelerator.free_memory()
-    trainer.end()
     return trainer
 
 
-def cache_teacher(script_args, training_args: AgentDistillConfig, model_args, dataset_args) -> Path:
-    """Run the recipe's teacher once over its training set and write the cache to `teacher_cache`."""
-    from accelerate import PartialState
-    from transformers import AutoTokenizer
-    from trl.trainer.utils import create_model_from_path
+def run_cache_teacher(argv: list[str]) -> Path:
+    from .model_refs import check_model_reference
+    from .training import cache_teacher
 
-    from .collator import AgentTrajectoryCollator
-    from .encoding import encode_dataset
-    from .quantization import keep_4bit_training_layout
-    from .teacher_cache import build_teacher_cache, run_fingerprint
-
-    args = training_args
-    if not args.teacher_cache or not args.teacher_model_name_or_path:
-        raise ValueError("cache-teacher needs `teacher_model_name_or_path` and `teacher_cache` (the output folder).")
-    state = PartialState(cpu=args.use_cpu)
-    tokenizer = AutoTokenizer.from_pretrained(args.teacher_model_name_or_path, trust_remote_code=args.trust_remote_code)
-    splits = load_trajectory_splits(script_args, dataset_args)
-    collator = AgentTrajectoryCollator(
-        tokenizer, max_length=args.max_length, style=args.segmentation_style, on_malformed=args.on_malformed,
-        truncation_mode=args.truncation_mode,
-        use_training_chat_template=args.use_training_chat_template,
-    )
-    dataset, _ = encode_dataset(splits[script_args.dataset_train_split], collator, "train", args.dataset_num_proc)
-    teacher = create_model_from_path(args.teacher_model_name_or_path, **args.teacher_init_kwargs(state.device))
-    if args.teacher_quantization_config() is None:
-        teacher = teacher.to(state.device)
-    keep_4bit_training_layout(teacher, "teacher")  # cached logits must equal the ones a live teacher gives in training
-    fingerprint = run_fingerprint(args, tokenizer, dataset, teacher_revision=getattr(teacher.config, "_commit_hash", None))
-    path = build_teacher_cache(
-        teacher.eval(),
-        collator,
-        dataset,
-        args.teacher_cache,
-        fingerprint,
-        batch_size=args.per_device_train_batch_size,
-        shard_rows=args.teacher_cache_shard_rows,
-        process_index=state.process_index,
-        num_processes=state.num_processes,
-        show_progress=state.is_main_process,
-    )
-    state.wait_for_everyone()
-    if state.is_main_process:
-        print(f"Teacher cache for {len(dataset)} rows (top-{args.teacher_cache_topk}) written to {path}")
-    return path
+    script_args, training_args, model_args, dataset_args = parse_train_args(argv, prog=f"{PROG} cache-teacher")
+    if training_args.teacher_model_name_or_path:
+        check_model_reference(training_args.teacher_model_name_or_path, "teacher_model_name_or_path")
+    return cache_teacher(script_args, training_args, model_args, dataset_args)
 
 
-def format_span_losses(log_history: list[dict]) -> str:
-    """A small table of the logged per-span losses, first to last, so a run shows at a glance whether they fall."""
-    columns = ["loss", "loss_reason", "loss_act", "loss_ce"]
-    rows = [entry for entry in log_history if "loss_reason" in entry or "loss_act" in entry]
-    columns = [c for c in columns if any(c in entry for entry in rows)]
-    lines = ["step  " + "  ".join(f"{c:>12}" for c in columns)]
-    for entry in rows:
-        lines.append(f"{entry.get('step', 0):>4}  " + "  ".join(
-            f"{entry[c]:>12.4f}" if c in entry else " " * 12 for c in columns))
-    return "\n".join(lines)
-
-
-def init_tiny(argv: list[str]) -> None:
-    from .tiny import prepare_toy_pair
-
-    parser = argparse.ArgumentParser(
-        prog="trl-agent-distill init-tiny",
-        description="Write a tiny tokenizer, a teacher briefly fine-tuned on the toy trajectories, and a smaller "
-        "student, for the offline CPU demo.",
-    )
-    parser.add_argument("--output_dir", default="outputs/toy")
-    parser.add_argument("--teacher_sft_steps", type=int, default=80, help="SFT steps that make the teacher a teacher.")
-    parser.add_argument("--overwrite", action="store_true")
-    options = parser.parse_args(argv)
-    teacher, student = prepare_toy_pair(options.output_dir, options.teacher_sft_steps, overwrite=options.overwrite)
-    print(f"teacher: {teacher}\nstudent: {student}")
-
-
-def generate(config) -> dict:
+def run_generate(argv: list[str]) -> dict:
     from .generation import generate_trajectories
+    from .model_refs import check_model_reference
 
+    config = parse_generate_args(argv)
+    if config.model_name_or_path and not config.base_url:
+        check_model_reference(config.model_name_or_path, "model_name_or_path")
     summary = generate_trajectories(config)
     print(json.dumps(summary, indent=2))
-    print(f"Kept {summary['kept']} of {summary['episodes']} trajectories in {Path(config.output_dir, 'trajectories.jsonl')}")
+    kept_file = Path(config.output_dir, "trajectories.jsonl")
+    print(f"Kept {summary['kept']} of {summary['episodes']} trajectories in {kept_file}")
     return summary
 
 
-def evaluate(config) -> dict:
-    from .evaluation import TABLE_FILE, evaluate as run_evaluation
+def run_eval(argv: list[str]) -> dict:
+    from .evaluation import TABLE_FILE, ModelRef, evaluate
+    from .model_refs import check_model_reference
 
-    report = run_evaluation(config)
+    config = parse_eval_args(argv)
+    for entry in config.models:
+        model = ModelRef.parse(entry)
+        if model.base_url is None:
+            check_model_reference(model.model, f"models entry {entry!r}")
+    report = evaluate(config)
     print(Path(config.output_dir, TABLE_FILE).read_text())
     print(f"Predictions and summaries in {config.output_dir}")
     return report
 
 
+def run_demo_command(argv: list[str]) -> dict:
+    from .demo import run_demo
+
+    return run_demo(parse_demo_args(argv))
+
+
+def run_init_tiny(argv: list[str]) -> tuple[Path, Path]:
+    from .tiny import prepare_toy_pair
+
+    options = make_init_tiny_parser().parse_args(argv)
+    print(f"Writing the tiny pair to {options.output_dir}: a tokenizer, a teacher with {options.teacher_sft_steps} SFT "
+          "steps, a student (kept if already there with the same settings)", flush=True)
+    teacher, student = prepare_toy_pair(options.output_dir, options.teacher_sft_steps, overwrite=options.overwrite,
+                                        show_progress=True)
+    print(f"teacher: {teacher}\nstudent: {student}")
+    return teacher, student
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    run: Callable[[list[str]], Any]
+
+
 COMMANDS = {
-    "demo": "the toy-world pipeline: teacher, generated data, four students, evaluation, report (CPU, minutes)",
-    "eval": "evaluate models as agents (greedy, self-consistent) or with chain-of-thought, in one table",
-    "generate": "run a teacher as an agent over tasks and keep its correct trajectories",
-    "train": "distill a student from a recipe",
-    "cache-teacher": "run the recipe's teacher once and store its top-k log-probs (then train with teacher_cache)",
-    "init-tiny": "write the tiny CPU demo models",
+    "demo": Command("the toy-world pipeline: teacher, generated data, four students, evaluation, report (CPU, minutes)",
+                    run_demo_command),
+    "eval": Command("evaluate models as agents (greedy, self-consistent) or with chain-of-thought, in one table",
+                    run_eval),
+    "generate": Command("run a teacher as an agent over tasks and keep its correct trajectories", run_generate),
+    "train": Command("distill a student from a recipe", run_train),
+    "cache-teacher": Command("run the recipe's teacher once and store its top-k log-probs (then train with "
+                             "teacher_cache)", run_cache_teacher),
+    "init-tiny": Command("write the tiny CPU demo models", run_init_tiny),
 }
+
+# What a user can get wrong (a recipe, a path, a row, a value; and a model server that is down, `BackendError`): one
+# message, no traceback. A `JSONDecodeError` or a `TrajectoryFormatError` is a `ValueError`.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The top-level parser: `--debug` and the commands (each parses its own options, see `make_*_parser`)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, allow_abbrev=False,
+        description="Distill tool-using LLM agents into small students. `trl-agent-distill <command> --help` lists "
+        "a command's options.",
+    )
+    parser.add_argument("--debug", action="store_true", help="Show the traceback of a user error too.")
+    commands = parser.add_subparsers(dest="command", metavar="<command>", title="commands")
+    for name, command in COMMANDS.items():
+        commands.add_parser(name, help=command.help, add_help=False)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The console script: returns None so the exit status is 0 on success."""
-    run(argv)
+    """The console script: exit status 0 on success, 2 on a user error (one message on stderr)."""
+    debug, argv = take_debug_flag(list(sys.argv[1:] if argv is None else argv))
+    try:
+        run(argv)
+    except Exception as error:
+        if debug or not _is_user_error(error):
+            raise
+        print(f"{PROG}: error: {error}\n(add --debug to see the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def run(argv: list[str] | None = None):
-    """Run one command and return what it produced (the trainer, the cache folder, the model folders)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        usage = "\n".join(f"  {name:<14} {help_}" for name, help_ in COMMANDS.items())
-        print(f"usage: trl-agent-distill <command> [options]\n\ncommands:\n{usage}")
-        raise SystemExit(0 if not argv or argv[0] in ("-h", "--help") else 2)
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    command, rest = argv[0], argv[1:]
-    if command == "demo":
-        from .demo import run_demo
+    """Run one command and return what it produced (the trainer, the cache folder, the summary, the report); errors
+    are raised (`--debug` changes only how `main` reports them)."""
+    _, argv = take_debug_flag(list(sys.argv[1:] if argv is None else argv))
+    parser = make_parser()
+    split = _command_index(argv)
+    parser.parse_args(argv[: split + 1])  # --help, a missing or unknown command: argparse's message, status 0 or 2
+    if split == len(argv):
+        parser.print_help()
+        raise SystemExit(2)
+    return COMMANDS[argv[split]].run(argv[split + 1 :])
 
-        return run_demo(parse_demo_args(rest))
-    if command == "generate":
-        return generate(parse_generate_args(rest))
-    if command == "eval":
-        return evaluate(parse_eval_args(rest))
-    if command == "train":
-        return train(*parse_train_args(rest))
-    if command == "cache-teacher":
-        return cache_teacher(*parse_train_args(rest))
-    return init_tiny(rest)
+
+def take_debug_flag(argv: list[str]) -> tuple[bool, list[str]]:
+    """Whether `--debug` is given, before the command or after it, and `argv` without it. After the command, a
+    `--debug` followed by a value is TrainingArguments' own option (`--debug underflow_overflow`), left in place."""
+    split = _command_index(argv)
+    ours = [index for index, token in enumerate(argv) if token == "--debug"
+            and (index < split or index + 1 == len(argv) or argv[index + 1].startswith("-"))]
+    return bool(ours), [token for index, token in enumerate(argv) if index not in ours]
+
+
+def _command_index(argv: list[str]) -> int:
+    """Where the command is in `argv` (everything after it is the command's); `len(argv)` when there is none."""
+    return next((index for index, token in enumerate(argv) if not token.startswith("-")), len(argv))
+
+
+def _is_user_error(error: Exception) -> bool:
+    from .agent.backends import BackendError  # here, not at the top: the agent package loads numpy
+
+    return isinstance(error, (*USER_ERRORS, BackendError))
 
 
 if __name__ == "__main__":

@@ -4,17 +4,31 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import BitsAndBytesConfig
 from trl.experimental.gkd import GKDConfig
 
 from .collator import ON_MALFORMED
+from .envs.toy import ToyWorld
 from .losses import SPAN_NORMALIZATIONS
 from .segmentation import STYLES
+from .tasks import AgentTaskConfig, read_task_recipe, task_config_from
 
 LOSS_IMPLEMENTATIONS = ("chunked", "logits")
-ENVIRONMENTS = ("tasks", "toy")
+# Worlds a rollout can name instead of its tasks and tools: they write their own and know how their agent acts.
+WORLDS = ("toy",)
+# The on-policy options of the previous release, and where they went (named when an old recipe uses them).
+MOVED_OPTIONS = {
+    "environment": "`rollout` (`rollout: toy` for the toy world, task settings for your own tasks)",
+    **{f"rollout_{old}": f"`rollout` as `{new}`" for old, new in (
+        ("tasks", "dataset_name"), ("corpus", "retrieval_corpus"), ("agent", "agent"),
+        ("task_variable", "task_variable"), ("retrieval_top_k", "retrieval_top_k"), ("max_steps", "max_agent_steps"),
+        ("max_new_tokens", "max_new_tokens"), ("temperature", "temperature"), ("top_p", "top_p"))},
+}
+# Rollouts sample (GKD's default temperature) and are short; the task settings override these.
+ROLLOUT_DEFAULTS = {"dataset_split": "train", "max_new_tokens": 256, "temperature": 0.9, "show_progress": False}
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +42,7 @@ class AgentDistillConfig(GKDConfig):
     `bf16` defaults to what the machine supports (on for a CUDA GPU with bf16, off on CPU).
     """
 
-    _VALID_DICT_FIELDS = GKDConfig._VALID_DICT_FIELDS
+    _VALID_DICT_FIELDS = GKDConfig._VALID_DICT_FIELDS + ["rollout"]
 
     lambda_reason: float = field(
         default=1.0, metadata={"help": "Weight of the divergence on REASON (thought) tokens."}
@@ -77,7 +91,7 @@ class AgentDistillConfig(GKDConfig):
         metadata={
             "help": "Locate assistant turns in chat rows with TRL's training chat template for the tokenizer's "
             "template where TRL has one (`trl.get_training_chat_template`: prefix-preserving, reasoning kept in "
-            "every turn, `{% generation %}` markers), or with the template's own generation markers. Other templates, "
+            "every turn, Jinja `generation` blocks), or with the template's own generation blocks. Other templates, "
             "or False, render with the tokenizer's own template and locate each turn from its rendering."
         },
     )
@@ -122,18 +136,8 @@ class AgentDistillConfig(GKDConfig):
         default=0.0,
         metadata={
             "help": "Probability of replacing a batch by the student's own samples (on-policy): completions of the "
-            "dataset's prompts, or whole agent episodes with `environment`. They are segmented again, so REASON / "
+            "dataset's prompts, or whole agent episodes with `rollout`. They are segmented again, so REASON / "
             "ACT masks stay correct."
-        },
-    )
-    environment: str | None = field(
-        default=None,
-        metadata={
-            "help": "Where on-policy batches (lmbda > 0) come from: unset, the student completes the dataset's "
-            "prompts (GKD); 'tasks', the student acts as an agent on `rollout_tasks` with its tools, whole episodes "
-            "with real observations; 'toy', the same in the toy world of seed `seed` (tasks, corpus, `task` "
-            "variable set for you).",
-            "choices": list(ENVIRONMENTS),
         },
     )
     on_policy_start_step: int = field(
@@ -141,22 +145,18 @@ class AgentDistillConfig(GKDConfig):
         metadata={"help": "Optimizer steps before on-policy batches start: a random student's episodes are noise "
                   "that costs full-length generations, so let it learn the format offline first."},
     )
-    rollout_tasks: str | None = field(
-        default=None, metadata={"help": "Task dataset (question, answer) the student acts on; a .jsonl file or hub name."}
+    rollout: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Where on-policy batches (lmbda > 0) come from. Unset: the student completes the dataset's "
+            "prompts (GKD). Otherwise the student acts as an agent, whole episodes with real tool observations, set "
+            "as for `generate` / `eval` (the options of `AgentTaskConfig`: dataset_name, retrieval_corpus, agent, "
+            "task_variable, max_agent_steps, max_new_tokens, temperature ...) as a dict (JSON on the command line) "
+            f"or the path of a YAML task recipe; a world ({list(WORLDS)}: `rollout: toy`, or `world: toy` among "
+            "the settings) brings its own tasks and tools, those of seed `seed`, written to output_dir. Rollouts "
+            f"default to {ROLLOUT_DEFAULTS}."
+        },
     )
-    rollout_corpus: str | None = field(
-        default=None, metadata={"help": "Corpus of the rollouts' search tool (see `generate`); none: no search tool."}
-    )
-    rollout_agent: str = field(default="codeact", metadata={"help": "Agent format of the rollouts.",
-                                                            "choices": ["codeact", "react"]})
-    rollout_task_variable: str | None = field(
-        default=None, metadata={"help": "CodeAct: put the task text in this sandbox variable (e.g. `task`)."}
-    )
-    rollout_retrieval_top_k: int = field(default=3, metadata={"help": "Documents per search in rollouts."})
-    rollout_max_steps: int = field(default=5, metadata={"help": "Agent steps before a rollout ends."})
-    rollout_max_new_tokens: int = field(default=256, metadata={"help": "Tokens per rollout step."})
-    rollout_temperature: float = field(default=0.9, metadata={"help": "Sampling temperature of rollouts."})
-    rollout_top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass of rollouts."})
     beta: float = field(
         default=0.0,
         metadata={"help": "0: forward KL(teacher || student) as in SAD; 1: reverse KL; between: generalized JSD."},
@@ -187,12 +187,10 @@ class AgentDistillConfig(GKDConfig):
                 "teacher_cache holds the teacher on the dataset's trajectories only; on-policy samples (lmbda > 0, "
                 "seq_kd) need a live teacher: drop teacher_cache or set lmbda=0, seq_kd=False."
             )
-        if self.environment not in (None, *ENVIRONMENTS):
-            raise ValueError(f"environment must be one of {ENVIRONMENTS} or unset, got {self.environment!r}.")
-        if self.environment == "tasks" and not self.rollout_tasks:
-            raise ValueError("environment: tasks needs `rollout_tasks` (a dataset of questions and answers to act on).")
-        if self.environment is not None and self.lmbda == 0:
-            logger.warning("environment is set but lmbda is 0: no rollouts will run (set lmbda > 0 for on-policy).")
+        if self.rollout is not None:
+            self.rollout_task_config()  # bad settings fail here, before any model loads
+            if self.lmbda == 0:
+                logger.warning("rollout is set but lmbda is 0: no rollouts will run (set lmbda > 0 for on-policy).")
         if self.teacher_cache_topk < 1:
             raise ValueError(f"teacher_cache_topk must be at least 1, got {self.teacher_cache_topk}.")
         if self.teacher_load_in_4bit and self.teacher_load_in_8bit:
@@ -204,21 +202,44 @@ class AgentDistillConfig(GKDConfig):
         if self.lambda_reason == self.lambda_act == self.lambda_ce == 0:
             raise ValueError("All of lambda_reason, lambda_act and lambda_ce are 0: nothing would be trained.")
 
-    def rollout_task_config(self, toy_world_dir: str | None = None):
-        """The agent settings of rollouts as an `AgentTaskConfig` (toy: the world written to `toy_world_dir`)."""
-        from .tasks import AgentTaskConfig
+    def rollout_settings(self) -> dict | None:
+        """`rollout` as a mapping of task options (a YAML recipe read, a world's name as `{"world": name}`)."""
+        if isinstance(self.rollout, str) and self.rollout in WORLDS:
+            return {"world": self.rollout}
+        if isinstance(self.rollout, str):
+            if not self.rollout.endswith((".yaml", ".yml")):
+                raise ValueError(
+                    f"rollout: {self.rollout!r} is neither a world {list(WORLDS)} nor a .yaml task recipe."
+                )
+            return read_task_recipe(self.rollout, source="rollout")
+        return None if self.rollout is None else dict(self.rollout)
 
-        options = dict(
-            dataset_name=self.rollout_tasks, dataset_split="train", agent=self.rollout_agent,
-            retrieval_corpus=self.rollout_corpus, retrieval_top_k=self.rollout_retrieval_top_k,
-            task_variable=self.rollout_task_variable, max_steps=self.rollout_max_steps,
-            max_new_tokens=self.rollout_max_new_tokens, temperature=self.rollout_temperature, top_p=self.rollout_top_p,
-            seed=self.seed, show_progress=False,
-        )
-        if self.environment == "toy":
-            options.update(dataset_name=f"{toy_world_dir}/train.jsonl", retrieval_corpus=f"{toy_world_dir}/corpus.jsonl",
-                           agent="codeact", task_variable=self.rollout_task_variable or "task", retrieval_top_k=1)
-        return AgentTaskConfig(**options)
+    @property
+    def rollout_world(self) -> str | None:
+        """The world the rollouts act in, if `rollout` names one."""
+        return (self.rollout_settings() or {}).get("world")
+
+    @property
+    def rollout_world_dir(self) -> Path:
+        """Where the trainer writes the world of `rollout`."""
+        return Path(self.output_dir) / f"{self.rollout_world}_world"
+
+    def rollout_task_config(self) -> AgentTaskConfig | None:
+        """The agent settings of rollouts (`rollout`) as an `AgentTaskConfig`, None without `rollout`. A world's
+        settings are those of the world in `rollout_world_dir`, under any the rollout sets itself."""
+        settings = self.rollout_settings()
+        if settings is None:
+            return None
+        world = settings.pop("world", None)
+        if world is not None:
+            if world not in WORLDS:
+                raise ValueError(f"rollout: unknown world {world!r}; the worlds are {list(WORLDS)}.")
+            settings = {**ToyWorld.task_settings(self.rollout_world_dir), **settings}
+        config = task_config_from(settings, defaults={**ROLLOUT_DEFAULTS, "seed": self.seed}, source="rollout")
+        if not config.dataset_name:
+            raise ValueError("rollout needs `dataset_name` (the tasks, question and answer, the student acts on) or "
+                             f"a `world` ({list(WORLDS)}).")
+        return config
 
     @property
     def uses_divergence(self) -> bool:

@@ -32,7 +32,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trl import DatasetMixtureConfig, ModelConfig
+
+from .agent.backends import PolicyBackend
+from .config import AgentDistillConfig
+from .deprecation import take_renamed_option
+from .envs.toy import ToyWorld
+from .evaluation import EvalConfig, evaluate, results_table
+from .generation import GenerateConfig, generate_trajectories
 from .jsonl import read_jsonl, write_jsonl
+from .report import load_log_history, write_report
+from .tasks import cot_messages
+from .tiny import build_tiny_model, train_tokenizer
+from .training import AgentDistillScriptArguments, format_span_losses, train
 
 STAGES = ("world", "teacher", "generate", "distill", "eval", "report")
 
@@ -114,20 +126,24 @@ class DemoConfig:
     learning_rate: float = field(default=3e-3, metadata={"help": "Peak learning rate of every run."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule of every run."})
     # Agents
-    max_steps: int = field(default=4, metadata={"help": "Agent steps before an episode ends unanswered."})
+    max_agent_steps: int = field(default=4, metadata={"help": "Agent steps before an episode ends unanswered."})
+    max_steps: int | None = field(
+        default=None, metadata={"help": "Deprecated name of max_agent_steps (the students' steps: student_steps)."}
+    )
     max_new_tokens: int = field(default=256, metadata={"help": "Tokens per agent step."})
     self_consistency: int = field(default=4, metadata={"help": "Candidates per step in the self-consistent setting."})
     batch_size: int = field(default=25, metadata={"help": "Episodes advanced together."})
     show_progress: bool = field(default=True, metadata={"help": "Progress bars."})
 
     def __post_init__(self) -> None:
+        take_renamed_option(self, "max_steps", "max_agent_steps", "the students' optimizer steps are student_steps")
         for name in self.stages:
             if name not in STAGES:
                 raise ValueError(f"stages: unknown stage {name!r}; choose among {list(STAGES)}.")
         for name in self.students:
             if name not in STUDENT_METHODS:
                 raise ValueError(f"students: unknown method {name!r}; choose among {list(STUDENT_METHODS)}.")
-        for name in ("train_tasks", "test_tasks", "teacher_steps", "student_steps", "generate_tasks", "max_steps"):
+        for name in ("train_tasks", "test_tasks", "teacher_steps", "student_steps", "generate_tasks", "max_agent_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.self_consistency == 1 or self.self_consistency < 0:
@@ -150,17 +166,12 @@ class DemoConfig:
 # ---------------------------------------------------------------------------------------------- the stages
 def build_world(config: DemoConfig) -> dict[str, Any]:
     """Write the world (corpus, tasks), the oracle's trajectories and its CoT answers on the training tasks."""
-    from .agent.backends import PolicyBackend
-    from .envs.toy import ToyWorld
-    from .generation import generate_trajectories
-    from .tasks import cot_messages
-
     _clear(config.path("world"), config.path("oracle"))
     world = ToyWorld.generate(config.seed, num_towns=config.num_towns, train_tasks=config.train_tasks,
                               test_tasks=config.test_tasks)
-    paths = world.save(config.path("world"))
+    world.save(config.path("world"))
     summary = generate_trajectories(
-        _agent_task_config(config, "GenerateConfig", dataset_name=str(paths["train"]), dataset_split="train",
+        _agent_task_config(config, GenerateConfig, dataset_split="train",
                            model_name_or_path="oracle", output_dir=str(config.path("oracle"))),
         backend=PolicyBackend(world.oracle),
     )
@@ -175,8 +186,6 @@ def build_world(config: DemoConfig) -> dict[str, Any]:
 
 def build_teacher(config: DemoConfig) -> dict[str, Any]:
     """Train the tokenizer, write both initial models, and make the teacher by SFT on the oracle's data."""
-    from .tiny import build_tiny_model, train_tokenizer
-
     _need(config.path("cot_data"), "world")
     _clear(config.path("teacher_init"), config.path("student_init"), config.path("teacher"))
     agent_rows = read_jsonl(config.path("oracle") / "trajectories.jsonl")
@@ -203,12 +212,10 @@ def build_teacher(config: DemoConfig) -> dict[str, Any]:
 
 def generate_data(config: DemoConfig) -> dict[str, Any]:
     """The teacher, as an agent with its first-thought prefix, on the training tasks; correct trajectories kept."""
-    from .generation import generate_trajectories
-
     _need(config.path("teacher") / "config.json", "teacher")
     _clear(config.path("trajectories"))
     summary = generate_trajectories(_agent_task_config(
-        config, "GenerateConfig", dataset_name=str(config.path("world") / "train.jsonl"), dataset_split="train",
+        config, GenerateConfig, dataset_split="train",
         max_tasks=config.generate_tasks, model_name_or_path=str(config.path("teacher")), first_thought_prefix=True,
         cot_max_new_tokens=48, output_dir=str(config.path("trajectories")),
     ))
@@ -233,12 +240,7 @@ def distill_students(config: DemoConfig) -> dict[str, Any]:
         _clear(output)
         options = dict(method.options)
         if options.get("lmbda", 0) > 0:  # the student acts on the training tasks, as the teacher did
-            options.update(
-                environment="tasks", rollout_tasks=config.path("world") / "train.jsonl",
-                rollout_corpus=config.path("world") / "corpus.jsonl", rollout_task_variable="task",
-                rollout_retrieval_top_k=1, rollout_max_steps=config.max_steps,
-                rollout_max_new_tokens=config.max_new_tokens, on_policy_start_step=config.student_steps // 2,
-            )
+            options.update(rollout=_agent_settings(config, "train"), on_policy_start_step=config.student_steps // 2)
         started = time.monotonic()
         _train(config, model=config.path("student_init"), data=data[method.data], output=output,
                steps=config.student_steps, options=options,
@@ -250,8 +252,6 @@ def distill_students(config: DemoConfig) -> dict[str, Any]:
 
 def evaluate_models(config: DemoConfig) -> dict[str, Any]:
     """Agents (greedy and self-consistent) and tool-free CoT answers on the test split, as one evaluation."""
-    from .evaluation import evaluate
-
     for name in config.students:
         _need(config.path("students") / name / "config.json", "distill")
     _clear(config.path("eval"))
@@ -263,8 +263,8 @@ def evaluate_models(config: DemoConfig) -> dict[str, Any]:
     agent_settings = [0, config.self_consistency] if config.self_consistency else [0]
     for mode, models in (("agent", agents), ("cot", answerers)):
         result = evaluate(_agent_task_config(
-            config, "EvalConfig", models=models, modes=[mode], self_consistency=agent_settings,
-            dataset_name=str(config.path("world") / "test.jsonl"), dataset_split="test", cot_max_new_tokens=128,
+            config, EvalConfig, models=models, modes=[mode], self_consistency=agent_settings,
+            dataset_split="test", cot_max_new_tokens=128,
             output_dir=str(config.path("eval") / mode),
         ))
         runs += result["runs"]
@@ -276,9 +276,6 @@ def evaluate_models(config: DemoConfig) -> dict[str, Any]:
 
 def write_demo_report(config: DemoConfig, timings: dict[str, float] | None = None) -> dict[str, Any]:
     """The report of the whole run in `output_dir`; prints the table."""
-    from .evaluation import results_table
-    from .report import load_log_history, write_report
-
     evaluation = json.loads(_need(config.path("eval") / "evaluation.json", "eval").read_text())
     histories = {"teacher (SFT)": load_log_history(config.path("teacher"))}
     for name in config.students:
@@ -317,36 +314,36 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _agent_task_config(config: DemoConfig, kind: str, **options: Any):
-    """A `GenerateConfig` / `EvalConfig` for the toy world: the corpus, one document per search, `task` in code."""
-    from .evaluation import EvalConfig
-    from .generation import GenerateConfig
+def _agent_settings(config: DemoConfig, split: str) -> dict[str, Any]:
+    """How every agent of the demo acts: in the world's way (`ToyWorld.task_settings`), with the demo's limits."""
+    return {**ToyWorld.task_settings(config.path("world"), split), "max_agent_steps": config.max_agent_steps,
+            "max_new_tokens": config.max_new_tokens}
 
-    config_class = {"GenerateConfig": GenerateConfig, "EvalConfig": EvalConfig}[kind]
-    return config_class(
-        retrieval_corpus=str(config.path("world") / "corpus.jsonl"), retrieval_top_k=1, task_variable="task",
-        max_steps=config.max_steps, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-        seed=config.seed, show_progress=config.show_progress, dtype="float32", **options,
-    )
+
+def _agent_task_config(config: DemoConfig, config_class: type[GenerateConfig | EvalConfig], **options: Any):
+    """A `GenerateConfig` / `EvalConfig` for the toy world's `dataset_split` tasks."""
+    return config_class(**{
+        **_agent_settings(config, options["dataset_split"]), "batch_size": config.batch_size, "seed": config.seed,
+        "show_progress": config.show_progress, "dtype": "float32", **options,
+    })
 
 
 def _train(config: DemoConfig, *, model: Path, data: Path, output: Path, steps: int, options: dict[str, Any],
            teacher: Path | None = None) -> None:
-    """One `trl-agent-distill train` run on CPU (same path as a recipe: parsed, checked, trained, saved)."""
-    from .cli import parse_train_args, train
+    """One training run on CPU, through the same `train` as a recipe's, and its per-span losses printed."""
 
-    argv = {
-        "model_name_or_path": model, "dataset_name": data, "dataset_format": "messages", "output_dir": output,
-        "max_steps": steps, "per_device_train_batch_size": config.per_device_train_batch_size,
-        "learning_rate": config.learning_rate, "lr_scheduler_type": config.lr_scheduler_type, "warmup_steps": 0,
-        "max_length": 1024, "logging_steps": max(1, steps // 15), "save_strategy": "no", "report_to": "none",
-        "use_cpu": True, "bf16": False, "seed": config.seed, "beta": 0.0, "lmbda": 0.0,
-        "activation_checkpointing": False, "disable_tqdm": not config.show_progress,
-        "dtype": "float32", **options,
-    }
-    if teacher is not None:
-        argv["teacher_model_name_or_path"] = teacher
-    train(*parse_train_args([f"--{key}={value}" for key, value in argv.items()]))
+    training_args = AgentDistillConfig(
+        output_dir=str(output), max_steps=steps, per_device_train_batch_size=config.per_device_train_batch_size,
+        learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type, warmup_steps=0,
+        max_length=1024, logging_steps=max(1, steps // 15), save_strategy="no", report_to="none", use_cpu=True,
+        bf16=False, seed=config.seed, beta=0.0, lmbda=0.0, activation_checkpointing=False,
+        disable_tqdm=not config.show_progress, teacher_model_name_or_path=str(teacher) if teacher else None, **options,
+    )
+    trainer = train(
+        AgentDistillScriptArguments(dataset_name=str(data), dataset_format="messages"), training_args,
+        ModelConfig(model_name_or_path=str(model), dtype="float32"), DatasetMixtureConfig(),
+    )
+    print(format_span_losses(trainer.state.log_history))
 
 
 def _notes(config: DemoConfig, timings: dict[str, float]) -> str:

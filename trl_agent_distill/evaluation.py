@@ -38,8 +38,8 @@ JUDGE_PROMPT = (
 )
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 # Settings that may change between a run and its resumption without changing what an episode is.
-_RESUMABLE_FIELDS = ("output_dir", "batch_size", "max_tasks", "show_progress", "request_timeout", "models", "modes",
-                     "self_consistency", "judge_model", "judge_base_url")
+_RESUMABLE_FIELDS = ("output_dir", "batch_size", "max_tasks", "show_progress", "request_timeout", "check_timeout",
+                     "models", "modes", "self_consistency", "judge_model", "judge_base_url")
 
 
 @dataclass
@@ -195,7 +195,8 @@ def evaluate_run(backend: GenerationBackend, tasks: list[Task], setting: Setting
         correct = sum(record["scores"]["correct"] for record in predictions.records)
         finished = len(done)
         pending: list[dict[str, Any]] = []
-        with tqdm(total=len(tasks), initial=finished, desc=run_dir.name, disable=not config.show_progress) as bar:
+        desc = f"{run_dir.parent.name} {run_dir.name}"  # the model's label and the setting
+        with tqdm(total=len(tasks), initial=finished, desc=desc, disable=not config.show_progress) as bar:
             for episode in _episodes(backend, todo, setting, config) if todo else ():
                 pending.append(_record(episode, config))
                 # The judge is asked in batches; without one every episode is written as soon as it ends.
@@ -252,7 +253,8 @@ def evaluate(config: EvalConfig, backends: dict[str, GenerationBackend] | None =
     shared = {k: v for k, v in asdict(config).items() if k not in _RESUMABLE_FIELDS}
     judge = None
     if config.judge_model:
-        judge = OpenAIBackend(config.judge_base_url, config.judge_model, timeout=config.request_timeout)
+        judge = OpenAIBackend(config.judge_base_url, config.judge_model, request_timeout=config.request_timeout,
+                              check_timeout=config.check_timeout)
         judge.check()
     rows = []
     try:

@@ -39,7 +39,7 @@ EPISODES_FILE, TRAJECTORIES_FILE, SUMMARY_FILE, CONFIG_FILE = (
     "episodes.jsonl", "trajectories.jsonl", "summary.json", "generate_config.json"
 )
 # Settings that may change between a run and its resumption without changing what an episode is.
-_RESUMABLE_FIELDS = ("output_dir", "batch_size", "max_tasks", "show_progress", "request_timeout")
+_RESUMABLE_FIELDS = ("output_dir", "batch_size", "max_tasks", "show_progress", "request_timeout", "check_timeout")
 
 
 @dataclass
@@ -179,7 +179,8 @@ def _run(agent: Agent, backend: GenerationBackend, todo: list[Task], config: Gen
 
     done_before = total - len(todo)
     kept = sum(record["kept"] for record in outputs.episodes.records)
-    with tqdm(total=total, initial=done_before, desc="episodes", disable=not config.show_progress) as progress:
+    desc = f"{config.model_name_or_path} episodes"
+    with tqdm(total=total, initial=done_before, desc=desc, disable=not config.show_progress) as progress:
         for episode, thought in _episodes(agent, backend, todo, config):
             record = {**episode.to_record(), "first_thought": thought, **judge(episode, config)}
             outputs.write(record)

@@ -7,14 +7,24 @@ ReAct agent with its search tool; `load_backend` turns a model reference into a 
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
+
+import datasets
+import torch
+import yaml
+from transformers import BitsAndBytesConfig
 
 from .agent.backends import GenerationBackend, OpenAIBackend, SamplingParams, TransformersBackend
 from .agent.loop import Agent, CodeActAgent, ReActAgent, SelfConsistency, Task
+from .agent.retrieval import RetrievalTool
+from .data import load_any_dataset
+from .deprecation import take_renamed_option
 from .quantization import check_4bit_layers_packable
 
 logger = logging.getLogger(__name__)
@@ -47,7 +57,10 @@ class AgentTaskConfig:
     retriever: str = field(default="bm25", metadata={"help": "bm25 or dense.", "choices": ["bm25", "dense"]})
     dense_model: str | None = field(default=None, metadata={"help": "sentence-transformers model for dense."})
     retrieval_top_k: int = field(default=3, metadata={"help": "Documents per search."})
-    max_steps: int = field(default=5, metadata={"help": "Agent steps before an episode ends unanswered."})
+    max_agent_steps: int = field(default=5, metadata={"help": "Agent steps before an episode ends unanswered."})
+    max_steps: int | None = field(
+        default=None, metadata={"help": "Deprecated name of max_agent_steps (`train`'s max_steps is optimizer steps)."}
+    )
     max_new_tokens: int = field(default=512, metadata={"help": "Tokens per agent step."})
     temperature: float = field(default=0.0, metadata={"help": "Sampling temperature; 0 is greedy."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass."})
@@ -63,15 +76,23 @@ class AgentTaskConfig:
     api_key_env: str = field(
         default="OPENAI_API_KEY", metadata={"help": "Environment variable holding the endpoint's API key, if any."}
     )
-    request_timeout: float = field(default=300.0, metadata={"help": "Seconds before an HTTP request gives up."})
+    request_timeout: float = field(
+        default=300.0, metadata={"help": "Seconds before a generation request to a served model gives up."}
+    )
+    check_timeout: float = field(
+        default=10.0,
+        metadata={"help": "Seconds the start-up check of a served model waits for an answer (tried once), so a server "
+                  "that accepts connections but never answers fails at once."},
+    )
     numeric_tolerance: float = field(default=1e-4, metadata={"help": "Relative tolerance of numeric answers."})
     seed: int = field(default=42, metadata={"help": "Seed for sampling."})
     show_progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
 
     def __post_init__(self) -> None:
+        take_renamed_option(self, "max_steps", "max_agent_steps", "`train`'s max_steps is optimizer steps")
         if self.agent not in AGENTS:
             raise ValueError(f"agent must be one of {AGENTS}, got {self.agent!r}")
-        for name in ("max_steps", "max_new_tokens", "batch_size", "retrieval_top_k"):
+        for name in ("max_agent_steps", "max_new_tokens", "batch_size", "retrieval_top_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_tasks is not None and self.max_tasks < 1:
@@ -84,13 +105,36 @@ class AgentTaskConfig:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens)
 
 
+def read_task_recipe(path: str | os.PathLike, source: str = "task recipe") -> dict[str, Any]:
+    """The options of a YAML task recipe (those of `AgentTaskConfig`), checked by `task_config_from`."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{source}: the task recipe {path} does not exist.")
+    settings = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(settings, Mapping):
+        raise ValueError(f"{source}: the task recipe {path} must be a YAML mapping of option: value.")
+    return dict(settings)
+
+
+def task_config_from(settings: Mapping[str, Any], *, defaults: Mapping[str, Any] | None = None,
+                     source: str = "settings") -> AgentTaskConfig:
+    """An `AgentTaskConfig` from a mapping of its options over `defaults`; an unknown key fails, naming it and the
+    closest option."""
+    own = [f.name for f in fields(AgentTaskConfig)]
+    for key in settings:
+        if key not in own:
+            close = difflib.get_close_matches(str(key), own, n=1, cutoff=0.75)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ValueError(f"{source}: unknown task option '{key}'.{hint} The options are those of "
+                             "`trl-agent-distill generate --help` about tasks, the agent, its tools and sampling.")
+    try:
+        return AgentTaskConfig(**{**(defaults or {}), **settings})
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{source}: {error}") from None
+
+
 # ---------------------------------------------------------------------------------------------- tasks
 def load_tasks(config: AgentTaskConfig) -> list[Task]:
     """The configured tasks, checked before any model loads: missing fields and duplicate ids name the culprit."""
-    import datasets
-
-    from .data import load_any_dataset
-
     if not config.dataset_name:
         raise ValueError("No tasks: set `dataset_name` (a hub dataset or a local .jsonl file with questions).")
     loaded = load_any_dataset(config.dataset_name, config.dataset_config, local_split=config.dataset_split)
@@ -150,18 +194,16 @@ def build_agent(config: AgentTaskConfig, self_consistency: SelfConsistency | Map
     """The configured agent with its search tool (`web_search` for CodeAct, `Search` for ReAct)."""
     tools = {}
     if config.retrieval_corpus:
-        from .agent.retrieval import RetrievalTool
-
         name = "web_search" if config.agent == "codeact" else "Search"
         tools[name] = RetrievalTool(
             config.retrieval_corpus, top_k=config.retrieval_top_k, retriever=config.retriever,
             dense_model=config.dense_model, name=name,
         )
     if config.agent == "codeact":
-        return CodeActAgent(tools, max_steps=config.max_steps, sampling=config.sampling,
+        return CodeActAgent(tools, max_steps=config.max_agent_steps, sampling=config.sampling,
                             sandbox_options={"timeout": config.sandbox_timeout}, self_consistency=self_consistency,
                             task_variable=config.task_variable)
-    return ReActAgent(tools, max_steps=config.max_steps, sampling=config.sampling, self_consistency=self_consistency)
+    return ReActAgent(tools, max_steps=config.max_agent_steps, sampling=config.sampling, self_consistency=self_consistency)
 
 
 def load_backend(model: str, config: AgentTaskConfig, *, base_url: str | None = None) -> GenerationBackend:
@@ -169,18 +211,15 @@ def load_backend(model: str, config: AgentTaskConfig, *, base_url: str | None = 
     adapter directory loaded here with transformers (4-bit with `load_in_4bit`)."""
     if base_url:
         backend = OpenAIBackend(
-            base_url, model, api_key=os.environ.get(config.api_key_env), timeout=config.request_timeout,
+            base_url, model, api_key=os.environ.get(config.api_key_env), request_timeout=config.request_timeout,
+            check_timeout=config.check_timeout,
             max_concurrency=config.batch_size,
         )
         backend.check()
         return backend
-    import torch
-
     torch.manual_seed(config.seed)
     model_kwargs: dict[str, Any] = {}
     if config.load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
         model_kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,

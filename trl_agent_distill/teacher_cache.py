@@ -214,7 +214,8 @@ def build_teacher_cache(
     num_shards = _num_shards(len(dataset), shard_rows)
     todo = [s for s in range(process_index, num_shards, num_processes) if not _shard_is_sealed(root, s)]
     rows_todo = sum(len(range(s * shard_rows, min(len(dataset), (s + 1) * shard_rows))) for s in todo)
-    progress = tqdm(total=rows_todo, desc="teacher cache", unit="row", disable=not show_progress)
+    progress = tqdm(total=rows_todo, desc=f"teacher cache of {fingerprint.teacher}", unit="row",
+                    disable=not show_progress)
     reader = _TeacherReader(teacher_model, fingerprint.topk, fingerprint.temperature)
     try:
         for shard in todo:

@@ -31,6 +31,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from .config import AgentDistillConfig
+from .trainer import AgentDistillTrainer
+
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -199,12 +202,13 @@ def prepare_toy_pair(
     *,
     overwrite: bool = False,
     seed: int = 0,
+    show_progress: bool = False,
 ) -> tuple[str, str]:
     """The CPU demo pair: tokenizer trained on the toy trajectories, teacher fine-tuned on them, raw student.
 
     The teacher gets `teacher_sft_steps` steps of SFT on the assistant turns, so distillation has a signal to
     transfer; the student stays at its random init. Kept as is on re-runs with the same settings (unless
-    `overwrite`).
+    `overwrite`). `show_progress`: the teacher's SFT shows a progress bar.
     """
     texts = toy_texts()
     teacher_kwargs = {**TEACHER_DEFAULTS, "seed": seed}
@@ -218,19 +222,18 @@ def prepare_toy_pair(
     }
 
     def finetune(teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
-        losses = sft_teacher(teacher, tokenizer, toy_trajectories(), steps=teacher_sft_steps, seed=seed)
+        losses = sft_teacher(teacher, tokenizer, toy_trajectories(), steps=teacher_sft_steps, seed=seed,
+                             show_progress=show_progress)
         return {"data": TOY_TRAJECTORIES, "steps": teacher_sft_steps, "seed": seed, "losses": losses}
 
     return _write_pair(output_dir, texts, TOY_VOCAB_SIZE, teacher_kwargs, student_kwargs, recipe, overwrite, finetune)
 
 
 def sft_teacher(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, dataset: datasets.Dataset, steps: int, seed: int = 0
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, dataset: datasets.Dataset, steps: int, seed: int = 0,
+    show_progress: bool = False,
 ) -> list[float]:
     """A few steps of cross-entropy on the assistant turns (the library's own SFT baseline); the loss of each step."""
-    from .config import AgentDistillConfig
-    from .trainer import AgentDistillTrainer
-
     if steps <= 0:
         return []
     with tempfile.TemporaryDirectory() as scratch:
@@ -247,7 +250,7 @@ def sft_teacher(
             save_strategy="no",
             report_to="none",
             use_cpu=True,
-            disable_tqdm=True,
+            disable_tqdm=not show_progress,
             seed=seed,
         )
         trainer = AgentDistillTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)

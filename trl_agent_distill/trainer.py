@@ -12,7 +12,6 @@ import dataclasses
 import logging
 import random
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +34,7 @@ from trl.trainer.utils import create_model_from_path, disable_dropout_in_model
 from .collator import ACT, REASON, AgentTrajectoryCollator
 from .config import AgentDistillConfig
 from .encoding import EncodingReport, encode_dataset
+from .envs.toy import ToyWorld
 from .heads import FinalHiddenStates, LogitHead, final_norm, logit_head
 from .losses import (
     DenseTeacher,
@@ -216,7 +216,7 @@ class AgentDistillTrainer(GKDTrainer):
 
         self._span_token_counts: tuple[torch.Tensor, torch.Tensor] | None = None
         self._span_stats = {mode: torch.zeros(len(_STAT_NAMES), dtype=torch.float64) for mode in ("train", "eval")}
-        self._rollouts = self._setup_rollouts(args) if args.lmbda > 0 and args.environment else None
+        self._rollouts = self._setup_rollouts(args) if args.lmbda > 0 and args.rollout is not None else None
         self._rollout_stats = dict.fromkeys(_ROLLOUT_STAT_NAMES, 0.0)
 
     # ------------------------------------------------------------------ setup
@@ -294,27 +294,23 @@ class AgentDistillTrainer(GKDTrainer):
             )
 
     def _setup_rollouts(self, args: AgentDistillConfig) -> AgentRollouts:
-        """The student's environment for on-policy episodes (`environment`); the toy world is written once."""
-        toy_world_dir = None
-        if args.environment == "toy":
-            from .envs.toy import ToyWorld
-
-            toy_world_dir = str(Path(args.output_dir) / "toy_world")
+        """The student's episodes for on-policy batches (`rollout`); a world is written once, by the main process."""
+        if args.rollout_world is not None:
             if self.accelerator.is_main_process:
-                ToyWorld.generate(args.seed).save(toy_world_dir)
+                ToyWorld.generate(args.seed).save(args.rollout_world_dir)
             self.accelerator.wait_for_everyone()
-        style = args.segmentation_style if args.segmentation_style != "auto" else args.rollout_agent
+        config = args.rollout_task_config()
+        style = args.segmentation_style if args.segmentation_style != "auto" else config.agent
         self._rollout_collator = AgentTrajectoryCollator(
             self.processing_class, max_length=args.max_length, style=style, on_malformed="act",
             use_training_chat_template=args.use_training_chat_template,
         )
-        return AgentRollouts(args.rollout_task_config(toy_world_dir), self.processing_class,
-                             seed=args.seed + self.accelerator.process_index)
+        return AgentRollouts(config, self.processing_class, seed=args.seed + self.accelerator.process_index)
 
     # ------------------------------------------------------------------ training
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
         """GKD's step, with the REASON / ACT masks of generated completions rebuilt from their text; with an
-        `environment`, the on-policy batch is instead whole agent episodes the student plays."""
+        `rollout`, the on-policy batch is instead whole agent episodes the student plays."""
         generator = None
         if random.random() < self.lmbda and self.state.global_step >= self.args.on_policy_start_step:
             if self._rollouts is None:

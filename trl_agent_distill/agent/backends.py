@@ -250,24 +250,30 @@ class OpenAIBackend(GenerationBackend):
     Requests are sent concurrently (`max_concurrency`), so the server can batch them. A forced reply prefix is sent
     as a final assistant message with vLLM's `continue_final_message` (servers without it reject the request with
     a clear error). Connection failures raise `BackendError` after the client's retries, never hang: each request
-    has a `timeout`.
+    has a `request_timeout` (generation can be slow), and the start-up `check` its own short `check_timeout`, tried
+    once: a server that accepts connections but never answers is reported in seconds, not after the retries of a
+    generation's timeout.
     """
 
-    def __init__(self, base_url: str, model: str, *, api_key: str | None = None, timeout: float = 120.0,
-                 max_retries: int = 2, max_concurrency: int = 32):
+    def __init__(self, base_url: str, model: str, *, api_key: str | None = None, request_timeout: float = 120.0,
+                 check_timeout: float = 10.0, max_retries: int = 2, max_concurrency: int = 32):
         import openai
 
+        if not (request_timeout > 0 and check_timeout > 0):
+            raise ValueError(f"request_timeout and check_timeout must be > 0, got {request_timeout}, {check_timeout}")
         self.base_url = base_url
         self.model = model
         self.max_concurrency = max_concurrency
+        self.check_timeout = check_timeout
         self.client = openai.OpenAI(
-            base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout, max_retries=max_retries
+            base_url=base_url, api_key=api_key or "EMPTY", timeout=request_timeout, max_retries=max_retries
         )
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="openai-backend")
 
     def check(self) -> None:
-        """Fail fast, before any episode starts, when the server is unreachable or does not serve `model`."""
-        served = [entry.id for entry in self._call(self.client.models.list)]
+        """Fail fast, before any episode starts, when the server is unreachable, silent, or does not serve `model`."""
+        client = self.client.with_options(timeout=self.check_timeout, max_retries=0)
+        served = [entry.id for entry in self._call(client.models.list, timeout_option="check_timeout")]
         if served and self.model not in served:
             raise BackendError(f"The server at {self.base_url} does not serve {self.model!r}; it serves {served}.")
 
@@ -305,15 +311,16 @@ class OpenAIBackend(GenerationBackend):
         text, _ = cut_at_stop(choice.message.content or "", stop)
         return Completion(text=text, finish_reason="length" if choice.finish_reason == "length" else "stop")
 
-    def _call(self, method, **kwargs):
+    def _call(self, method, *, timeout_option: str = "request_timeout", **kwargs):
         import openai
 
         try:
             return method(**kwargs)
         except openai.APITimeoutError as error:
+            seconds = (self.check_timeout if timeout_option == "check_timeout" else self.client.timeout)
             raise BackendError(
-                f"The model server at {self.base_url} did not answer within the timeout; check that it is running "
-                "and not overloaded, or raise `timeout`."
+                f"The model server at {self.base_url} did not answer within {seconds} s ({timeout_option}); check that "
+                f"it is running and not overloaded, or raise `{timeout_option}`."
             ) from error
         except openai.APIConnectionError as error:
             raise BackendError(

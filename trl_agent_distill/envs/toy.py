@@ -23,6 +23,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..agent.backends import GenerationRequest
 from ..formats import CodeActFormat, CodeAction
@@ -136,6 +137,18 @@ class ToyWorld:
             rows = [{"id": task.id, "question": task.question, "answer": task.answer} for task in self.tasks(split)]
             write_jsonl(paths[split], rows)
         return paths
+
+    @staticmethod
+    def task_settings(directory: str | Path, split: str = "train") -> dict[str, Any]:
+        """The `AgentTaskConfig` options of an agent acting in a world saved to `directory`: its `split` tasks, its
+        corpus with one document per search (an entry holds every fact of a town), CodeAct with the task text in
+        the variable `task` (the oracle's code reads the town names from it, see the module docstring)."""
+        root = Path(directory)
+        return {
+            "dataset_name": str(root / f"{split}.jsonl"), "dataset_split": split,
+            "retrieval_corpus": str(root / "corpus.jsonl"), "retrieval_top_k": 1, "agent": "codeact",
+            "task_variable": "task",
+        }
 
     # -------------------------------------------------------------------------------------------- the oracle
     @property
