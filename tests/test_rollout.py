@@ -10,8 +10,8 @@ import torch
 from trl_agent_distill import AgentDistillConfig, AgentDistillTrainer
 from trl_agent_distill.agent import PolicyBackend
 from trl_agent_distill.collator import AgentTrajectoryCollator
-from trl_agent_distill.quantization import linear_4bit_layers
 from trl_agent_distill.envs import ToyWorld
+from trl_agent_distill.quantization import linear_4bit_layers
 from trl_agent_distill.rollout import AgentRollouts
 from trl_agent_distill.segmentation import TrajectoryFormatError, segment_messages
 
