@@ -15,7 +15,7 @@ from trl_agent_distill.quantization import linear_4bit_layers
 from trl_agent_distill.rollout import AgentRollouts
 from trl_agent_distill.segmentation import TrajectoryFormatError, segment_messages
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")
