@@ -29,9 +29,11 @@ from filelock import FileLock, Timeout
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
-# What makes a model directory a model: weights (full or adapter) and the files that say how to read them.
+# What makes a model directory a model: weights (full or adapter), the files that say how to read them, and the chat
+# template its prompts are written with.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-_SMALL_FILES = ("config.json", "adapter_config.json", "generation_config.json")
+_SMALL_FILES = ("config.json", "adapter_config.json", "generation_config.json", "tokenizer_config.json",
+                "chat_template.jinja")
 
 
 class UnreadableFileError(ValueError):
@@ -238,8 +240,8 @@ def model_files_identity(model: str | os.PathLike) -> str | None:
     """A short hash that changes when the model saved in directory `model` is saved again; None for a hub name.
 
     Cheap even for large checkpoints: each weights file counts by name, size, modification time and its
-    safetensors header (names, shapes, offsets); the small JSON files (config, adapter config, shard index) by
-    content.
+    safetensors header (names, shapes, offsets); the small files (config, adapter config, shard index, tokenizer
+    config, chat template) by content.
     """
     directory = Path(model)
     if not directory.is_dir():
