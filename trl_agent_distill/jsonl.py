@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .storage import as_stored, read_json, write_json
+from .storage import as_stored, read_json, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +130,7 @@ def jsonl_problem(path: str | os.PathLike) -> str | None:
 
 
 def write_jsonl(path: str | os.PathLike, records: list[dict[str, Any]]) -> Path:
-    """Write `records` as a new JSONL file (parent folders created); returns the path."""
+    """Write `records` as a new JSONL file (parent folders created), atomically; returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8")
+    write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
     return path

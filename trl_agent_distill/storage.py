@@ -43,12 +43,17 @@ class UnreadableFileError(ValueError):
 # ---------------------------------------------------------------------------------------------- JSON files
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """Write `data` as JSON to `path` atomically: a kill at any moment leaves the old file or the new one."""
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` (parent folders created) through a temporary file and a rename: never half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         with open(temporary, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
