@@ -229,7 +229,7 @@ def load_implementations(names) -> tuple[dict, dict]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 found[name] = loaders[name]()
-        except Exception as error:  # an older/newer TRL without the private API: say so, do not fake it
+        except Exception as error:  # noqa: BLE001 - an older/newer TRL without the private API: say so, do not fake it
             missing[name] = f"not importable: {type(error).__name__}: {error}"
     return found, missing
 

@@ -389,9 +389,9 @@ def test_template_errors_name_the_row_and_message(tiny_tokenizer, name, template
 
 
 def test_skip_drops_rows_the_template_refuses(tiny_tokenizer):
-    tokenizer = family_tokenizer(tiny_tokenizer, "gemma3", "gemma.jinja")
+    gemma = family_tokenizer(tiny_tokenizer, "gemma3", "gemma.jinja")
     dropped_tool_call = family_tokenizer(tiny_tokenizer, "deepseek-r1-distill")
-    for tokenizer, bad in [(tokenizer, CODEACT), (dropped_tool_call, TOOL_CALLS)]:
+    for tokenizer, bad in [(gemma, CODEACT), (dropped_tool_call, TOOL_CALLS)]:
         collator = AgentTrajectoryCollator(tokenizer, on_malformed="skip")
         batch = collator([{"messages": REACT}, {"messages": bad}])
         assert batch["input_ids"].shape[0] == 1 and collator.num_skipped == 1

@@ -8,7 +8,7 @@ import pytest
 from trl_agent_distill.demo import STAGES, DemoConfig, run_demo
 from trl_agent_distill.jsonl import read_jsonl
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory, tiny_demo_settings):

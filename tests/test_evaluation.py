@@ -16,6 +16,7 @@ from trl_agent_distill.evaluation import (
     extract_cot_answer,
     settings_of,
 )
+from trl_agent_distill.storage import DirectoryInUseError, lock_directory
 from trl_agent_distill.tasks import load_backend
 
 from openai_server import FakeOpenAIServer
@@ -141,6 +142,40 @@ def test_evaluation_resumes_and_refuses_changed_settings(tmp_path):
     with pytest.raises(ValueError, match="max_agent_steps: 2 -> 3"):
         evaluate(make_config(tmp_path, models=["good=oracle"], modes=["agent"], self_consistency=[0], max_agent_steps=3),
                  backends={"good": PolicyBackend(counting)})
+
+
+def test_a_run_config_emptied_by_a_kill_is_named_with_what_to_do(tmp_path):
+    config = make_config(tmp_path, models=["good=oracle"], modes=["agent"], self_consistency=[0])
+    evaluate(config, backends={"good": PolicyBackend(oracle)})
+    Path(config.output_dir, "good", "agent-greedy", "run_config.json").write_text("")  # a kill while writing it
+    with pytest.raises(ValueError, match=r"agent-greedy/run_config.json is empty: a run was killed while writing it"):
+        evaluate(config, backends={"good": PolicyBackend(oracle)})
+
+
+def test_a_model_retrained_at_the_same_path_is_not_resumed(tmp_path, tiny_model_dir, make_model):
+    model_dir = tiny_model_dir("student")
+    config = make_config(tmp_path, models=[f"student={model_dir}"], modes=["agent"], self_consistency=[0])
+    evaluate(config, backends={"student": PolicyBackend(oracle)})
+    evaluate(config, backends={"student": PolicyBackend(oracle)})  # the same model resumes
+    make_model("student", hidden_size=32, num_layers=1, seed=7).save_pretrained(model_dir)  # retrained
+    with pytest.raises(ValueError, match=r"other settings \(model_files: '[0-9a-f]+' -> '[0-9a-f]+'\)"):
+        evaluate(config, backends={"student": PolicyBackend(oracle)})
+
+
+def test_a_task_changed_in_the_task_file_is_not_resumed(tmp_path):
+    config = make_config(tmp_path, models=["good=oracle"], modes=["agent"], self_consistency=[0])
+    evaluate(config, backends={"good": PolicyBackend(oracle)})
+    write_tasks(tmp_path, [*TASKS[:2], {**TASKS[2], "answer": "Brannoch"}])
+    with pytest.raises(ValueError, match=r"Task 'c' changed since .*predictions.jsonl.*answer was 'Velmora'"):
+        evaluate(config, backends={"good": PolicyBackend(oracle)})
+
+
+def test_a_second_evaluation_on_the_same_directory_is_refused(tmp_path):
+    config = make_config(tmp_path, models=["good=oracle"], modes=["agent"], self_consistency=[0])
+    with lock_directory(config.output_dir, "eval"):
+        with pytest.raises(DirectoryInUseError, match=r"eval.* in use by another `eval` run"):
+            evaluate(config, backends={"good": PolicyBackend(oracle)})
+    evaluate(config, backends={"good": PolicyBackend(oracle)})
 
 
 def test_missing_fields_fail_before_any_model_loads(tmp_path):

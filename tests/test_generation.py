@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from trl_agent_distill.collator import AgentTrajectoryCollator
 from trl_agent_distill.data import prepare_trajectory_dataset
 from trl_agent_distill.encoding import encode_dataset
 from trl_agent_distill.generation import GenerateConfig, first_paragraph, generate_trajectories
+from trl_agent_distill.storage import DirectoryInUseError
 from trl_agent_distill.tasks import load_tasks
 
 pytestmark = pytest.mark.timeout(180)
@@ -207,6 +209,45 @@ def test_changed_settings_are_refused_on_resume(tmp_path):
     with pytest.raises(ValueError, match=r"other settings \(max_agent_steps: 3 -> 4\)"):
         generate_trajectories(make_config(tmp_path, max_agent_steps=4), backend=PolicyBackend(oracle))
     generate_trajectories(make_config(tmp_path, batch_size=2), backend=PolicyBackend(oracle))  # harmless change
+
+
+def test_a_settings_file_emptied_by_a_kill_is_named_with_what_to_do(tmp_path):
+    config = make_config(tmp_path, max_tasks=1)
+    generate_trajectories(config, backend=PolicyBackend(oracle))
+    Path(config.output_dir, "generate_config.json").write_text("")  # what a kill while writing it used to leave
+    with pytest.raises(ValueError, match=r"generate_config.json is empty: a run was killed while writing it.*delete it"):
+        generate_trajectories(config, backend=PolicyBackend(oracle))
+
+
+def test_a_second_run_on_the_same_directory_is_refused(tmp_path):
+    config = make_config(tmp_path)
+    asked, release = threading.Event(), threading.Event()
+
+    def waiting(request):
+        asked.set()
+        assert release.wait(60)
+        return oracle(request)
+
+    first = threading.Thread(target=generate_trajectories, args=(config,), kwargs={"backend": PolicyBackend(waiting)})
+    first.start()
+    try:
+        assert asked.wait(60)
+        with pytest.raises(DirectoryInUseError, match=r"in use by another `generate` run"):
+            generate_trajectories(config, backend=PolicyBackend(oracle))
+    finally:
+        release.set()
+        first.join()
+    kept = [record["task_id"] for record in read_jsonl(Path(config.output_dir, "trajectories.jsonl"))]
+    assert sorted(kept) == ["pop", "sum"]  # once each
+    generate_trajectories(config, backend=PolicyBackend(oracle))  # the lock went with the first run
+
+
+def test_a_task_changed_in_the_task_file_is_refused_on_resume(tmp_path):
+    config = make_config(tmp_path)
+    generate_trajectories(config, backend=PolicyBackend(oracle))
+    write_tasks(Path(config.dataset_name), [TASKS[0], {**TASKS[1], "answer": "31,921"}, *TASKS[2:]])
+    with pytest.raises(ValueError, match=r"Task 'sum' changed since .*episodes.jsonl.*answer was '31,920'"):
+        generate_trajectories(config, backend=PolicyBackend(oracle))
 
 
 def test_bad_task_files_fail_before_any_model_loads(tmp_path):

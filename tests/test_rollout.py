@@ -18,7 +18,7 @@ from trl_agent_distill.rollout import AgentRollouts
 from trl_agent_distill.segmentation import TrajectoryFormatError, segment_messages
 from trl_agent_distill.tasks import AgentTaskConfig
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")

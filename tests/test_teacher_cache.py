@@ -101,6 +101,26 @@ def test_shards_split_across_processes(tmp_path, teacher, tiny_tokenizer, toy_da
     assert len(rows) == len(toy_dataset)
 
 
+def test_a_build_with_other_shard_rows_is_refused_and_leaves_the_cache_intact(tmp_path, teacher, tiny_tokenizer,
+                                                                              toy_dataset):
+    build(tmp_path, teacher, tiny_tokenizer, toy_dataset)  # shards of 4 rows
+    (tmp_path / "shard-00003.sha256").unlink()  # interrupted before the last shard was sealed
+    collator = AgentTrajectoryCollator(tiny_tokenizer, max_length=MAX_LENGTH)
+    with pytest.raises(TeacherCacheError, match=r"shards of 4 rows, this run asks for 8 \(teacher_cache_shard_rows\)"):
+        build_teacher_cache(teacher, collator, encode(tiny_tokenizer, toy_dataset), tmp_path,
+                            fingerprint_for(tiny_tokenizer, toy_dataset, topk=8), shard_rows=8, show_progress=False)
+    build(tmp_path, teacher, tiny_tokenizer, toy_dataset)  # resumed with the cache's own cut
+    rows, _ = load_teacher_cache(tmp_path, fingerprint_for(tiny_tokenizer, toy_dataset, topk=8))
+    assert len(rows) == len(toy_dataset)
+
+
+def test_an_emptied_fingerprint_is_named_with_what_to_do(tmp_path, teacher, tiny_tokenizer, toy_dataset):
+    build(tmp_path, teacher, tiny_tokenizer, toy_dataset)
+    (tmp_path / "fingerprint.json").write_text("")
+    with pytest.raises(ValueError, match=r"fingerprint.json is empty.*run `trl-agent-distill cache-teacher` again"):
+        load_teacher_cache(tmp_path, fingerprint_for(tiny_tokenizer, toy_dataset, topk=8))
+
+
 @pytest.mark.parametrize(
     ("change", "field"),
     [

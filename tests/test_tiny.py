@@ -237,7 +237,7 @@ def _run_step(code, state, search_results):
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         try:
-            exec(code, state)
+            exec(code, state)  # noqa: S102 - the toy trajectories' own code
         except _FinalAnswer:
             pass
     return printed.getvalue(), answers

@@ -65,6 +65,14 @@ def test_trains_logs_span_losses_evaluates_and_saves(tmp_path, make_model, tiny_
     assert first["loss"] == pytest.approx(expected, rel=2e-2)
 
 
+def test_an_output_dir_that_cannot_be_written_fails_before_any_work(tmp_path, make_model, tiny_tokenizer, toy_dataset):
+    (tmp_path / "taken").write_text("a file where the output folder would go")
+    args = make_args(tmp_path, output_dir=str(tmp_path / "taken" / "run"), save_strategy="steps", save_steps=1)
+    with pytest.raises(ValueError, match=r"output_dir '.*taken/run' cannot be written: .*taken is a file"):
+        AgentDistillTrainer(model=make_model("student"), teacher_model=make_model("teacher"), args=args,
+                            train_dataset=toy_dataset, processing_class=tiny_tokenizer)
+
+
 @pytest.mark.parametrize("span_normalization", ["token", "span"])
 def test_gradient_accumulation_is_exact(tmp_path, make_model, tiny_tokenizer, toy_dataset, span_normalization):
     rows = toy_dataset.select([0, 1])

@@ -208,7 +208,7 @@ class AgentTrajectoryCollator:
                     "trl_agent_distill.data.prepare_trajectory_dataset"
                 )
         except TrajectoryFormatError as error:
-            raise error.with_row(row_index) if row_index is not None else error
+            raise (error.with_row(row_index) if row_index is not None else error) from None
         encoded = self._tokenize(text, char_kinds, add_special_tokens, prompt)
         if row.get(CACHED_TEACHER_COLUMNS[0]) is not None:
             encoded.cached_teacher = {name: row[name] for name in CACHED_TEACHER_COLUMNS}

@@ -13,7 +13,6 @@ name it in the table.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections import Counter
@@ -26,7 +25,8 @@ from .agent.backends import GenerationBackend, GenerationRequest, OpenAIBackend,
 from .agent.loop import Episode, SelfConsistency, Task
 from .jsonl import ResumableJsonl, check_same_settings
 from .metrics import extract_boxed, score_answer
-from .tasks import AgentTaskConfig, build_agent, cot_messages, load_backend, load_tasks
+from .storage import lock_directory, model_files_identity, write_json
+from .tasks import AgentTaskConfig, build_agent, check_resumed_tasks, cot_messages, load_backend, load_tasks
 
 MODES = ("agent", "cot")
 PREDICTIONS_FILE, RUN_CONFIG_FILE, SUMMARY_FILE, TABLE_FILE = (
@@ -190,6 +190,7 @@ def evaluate_run(backend: GenerationBackend, tasks: list[Task], setting: Setting
     check_same_settings(run_dir / RUN_CONFIG_FILE, settings)
     started = time.monotonic()
     with ResumableJsonl(run_dir / PREDICTIONS_FILE) as predictions:
+        check_resumed_tasks(predictions.records, tasks, predictions.path, answer_key="gold")
         done = {record["task_id"] for record in predictions.records}
         todo = [task for task in tasks if task.task_id not in done]
         correct = sum(record["scores"]["correct"] for record in predictions.records)
@@ -212,7 +213,7 @@ def evaluate_run(backend: GenerationBackend, tasks: list[Task], setting: Setting
                 bar.set_postfix(score=f"{correct / finished:.1%}")
                 pending = []
         summary = summarize_run(predictions.records, seconds=time.monotonic() - started, new=len(todo))
-    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    write_json(run_dir / SUMMARY_FILE, summary)
     return summary
 
 
@@ -242,7 +243,8 @@ def evaluate(config: EvalConfig, backends: dict[str, GenerationBackend] | None =
     """Run every model in every setting; write and return the comparison (`summary.json`, `results.md`).
 
     `backends` maps labels to ready backends (models already in memory, oracle policies); other models are loaded
-    one at a time and released before the next.
+    one at a time and released before the next. A second evaluation on the same `output_dir` while this one
+    runs is refused (`storage.DirectoryInUseError`).
     """
     tasks = load_tasks(config)  # bad fields fail here, before any model loads
     models = [ModelRef.parse(entry) for entry in config.models]
@@ -251,32 +253,35 @@ def evaluate(config: EvalConfig, backends: dict[str, GenerationBackend] | None =
         raise ValueError(f"Two models share a label in {labels}; name them with 'label=model'.")
     root = Path(config.output_dir)
     shared = {k: v for k, v in asdict(config).items() if k not in _RESUMABLE_FIELDS}
-    judge = None
-    if config.judge_model:
-        judge = OpenAIBackend(config.judge_base_url, config.judge_model, request_timeout=config.request_timeout,
-                              check_timeout=config.check_timeout)
-        judge.check()
-    rows = []
-    try:
-        for model in models:
-            given = (backends or {}).get(model.label)
-            backend = given or load_backend(model.model, config, base_url=model.base_url)
-            try:
-                for setting in settings_of(config):
-                    run_dir = root / _safe(model.label) / setting.name
-                    settings = {**shared, "model": asdict(model), "setting": asdict(setting), "judge": config.judge_model}
-                    summary = evaluate_run(backend, tasks, setting, config, run_dir, settings, judge)
-                    rows.append({"model": model.label, "setting": setting.name, **summary})
-            finally:
-                if given is None:
-                    backend.close()
-    finally:
-        if judge is not None:
-            judge.close()
-    report = {"tasks": len(tasks), "dataset": config.dataset_name, "runs": rows}
-    root.mkdir(parents=True, exist_ok=True)
-    (root / SUMMARY_FILE).write_text(json.dumps(report, indent=2))
-    (root / TABLE_FILE).write_text(results_table(rows) + "\n")
+    with lock_directory(root, "eval"):
+        judge = None
+        if config.judge_model:
+            judge = OpenAIBackend(config.judge_base_url, config.judge_model, request_timeout=config.request_timeout,
+                                  check_timeout=config.check_timeout)
+            judge.check()
+        rows = []
+        try:
+            for model in models:
+                given = (backends or {}).get(model.label)
+                backend = given or load_backend(model.model, config, base_url=model.base_url)
+                # A model retrained at the same path is another model: its files' identity is part of the settings.
+                files = None if model.base_url else model_files_identity(model.model)
+                try:
+                    for setting in settings_of(config):
+                        run_dir = root / _safe(model.label) / setting.name
+                        settings = {**shared, "model": asdict(model), "model_files": files, "setting": asdict(setting),
+                                    "judge": config.judge_model}
+                        summary = evaluate_run(backend, tasks, setting, config, run_dir, settings, judge)
+                        rows.append({"model": model.label, "setting": setting.name, **summary})
+                finally:
+                    if given is None:
+                        backend.close()
+        finally:
+            if judge is not None:
+                judge.close()
+        report = {"tasks": len(tasks), "dataset": config.dataset_name, "runs": rows}
+        write_json(root / SUMMARY_FILE, report)
+        (root / TABLE_FILE).write_text(results_table(rows) + "\n")
     return report
 
 

@@ -18,7 +18,6 @@ are written as episodes finish; a re-run with the same settings resumes and skip
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import Counter
@@ -31,7 +30,8 @@ from .agent.backends import GenerationBackend, GenerationRequest, SamplingParams
 from .agent.loop import Agent, Episode, Task
 from .jsonl import ResumableJsonl, check_same_settings
 from .metrics import answers_match
-from .tasks import AgentTaskConfig, build_agent, cot_messages, load_backend, load_tasks
+from .storage import lock_directory, write_json
+from .tasks import AgentTaskConfig, build_agent, check_resumed_tasks, cot_messages, load_backend, load_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -112,11 +112,11 @@ def judge(episode: Episode, config: GenerateConfig) -> dict[str, Any]:
 class _Outputs:
     """`episodes.jsonl` is the journal; `trajectories.jsonl` holds the kept ones and is re-synced from it."""
 
-    def __init__(self, config: GenerateConfig):
+    def __init__(self, config: GenerateConfig, tasks: list[Task]):
         self.root = Path(config.output_dir)
-        self.root.mkdir(parents=True, exist_ok=True)
         check_same_settings(self.root / CONFIG_FILE, _settings(config))
         self.episodes = ResumableJsonl(self.root / EPISODES_FILE)
+        check_resumed_tasks(self.episodes.records, tasks, self.episodes.path)
         self.trajectories = ResumableJsonl(self.root / TRAJECTORIES_FILE)
         written = {record["task_id"] for record in self.trajectories.records}
         for record in self.episodes.records:  # kept episodes journaled just before a kill
@@ -149,27 +149,29 @@ def _settings(config: GenerateConfig) -> dict[str, Any]:
 def generate_trajectories(config: GenerateConfig, backend: GenerationBackend | None = None) -> dict[str, Any]:
     """Run the teacher over the tasks not yet in `output_dir`; return (and write) the summary of all of them.
 
-    `backend` overrides the configured teacher (e.g. a `PolicyBackend` oracle, or a model already in memory).
+    `backend` overrides the configured teacher (e.g. a `PolicyBackend` oracle, or a model already in memory). A
+    second run on the same `output_dir` while this one runs is refused (`storage.DirectoryInUseError`).
     """
     tasks = load_tasks(config)
-    outputs = _Outputs(config)
-    try:
-        todo = [task for task in tasks if task.task_id not in outputs.done]
-        started = time.monotonic()
-        if todo:
-            agent = build_agent(config)
-            own_backend = backend is None
-            backend = build_backend(config) if own_backend else backend
-            try:
-                _run(agent, backend, todo, config, outputs, total=len(tasks))
-            finally:
-                if own_backend:
-                    backend.close()
-        summary = summarize(outputs.episodes.records, tasks=len(tasks),
-                            seconds=time.monotonic() - started, new_episodes=len(todo))
-    finally:
-        outputs.close()
-    (Path(config.output_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    with lock_directory(config.output_dir, "generate"):
+        outputs = _Outputs(config, tasks)
+        try:
+            todo = [task for task in tasks if task.task_id not in outputs.done]
+            started = time.monotonic()
+            if todo:
+                agent = build_agent(config)
+                own_backend = backend is None
+                backend = build_backend(config) if own_backend else backend
+                try:
+                    _run(agent, backend, todo, config, outputs, total=len(tasks))
+                finally:
+                    if own_backend:
+                        backend.close()
+            summary = summarize(outputs.episodes.records, tasks=len(tasks),
+                                seconds=time.monotonic() - started, new_episodes=len(todo))
+        finally:
+            outputs.close()
+        write_json(Path(config.output_dir) / SUMMARY_FILE, summary)
     return summary
 
 

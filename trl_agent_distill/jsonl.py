@@ -10,8 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from .storage import as_stored, read_json, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -55,47 +58,45 @@ class ResumableJsonl:
             with open(self.path, "r+b") as file:
                 file.truncate(len(complete))
                 os.fsync(file.fileno())
-        records = []
-        for number, line in enumerate(complete.decode().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ValueError(
-                    f"{self.path}, line {number}: not valid JSON ({error.msg}); the file was edited or corrupted. "
-                    "Fix or delete that line, or write to a new output directory."
-                ) from None
-        return records
+        return _records(complete.decode().splitlines(), self.path, remedy=(
+            "the file was edited or corrupted. Fix or delete that line, or write to a new output directory."
+        ))
 
 
 def check_same_settings(path: Path, settings: dict[str, Any]) -> None:
     """Record a run's settings in `path`, or refuse to resume a run whose recorded settings differ (naming them)."""
-    if path.exists():
-        previous = json.loads(path.read_text())
-        changed = sorted(k for k in settings.keys() | previous.keys() if previous.get(k) != settings.get(k))
-        if changed:
-            details = ", ".join(f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}" for k in changed)
-            raise ValueError(
-                f"{path.parent} holds a run with other settings ({details}); resuming would mix them. Use a new "
-                "output_dir, or delete the old one to start over."
-            )
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings, indent=2))
+    previous = read_json(path, remedy=(
+        "delete it to record this run's settings again (only if they are the ones the run in that folder was "
+        "started with), or write to a new output_dir."
+    ))
+    if previous is None:
+        write_json(path, settings)
+        return
+    settings = as_stored(settings)
+    changed = sorted(k for k in settings.keys() | previous.keys() if previous.get(k) != settings.get(k))
+    if changed:
+        details = ", ".join(f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+        raise ValueError(
+            f"{path.parent} holds a run with other settings ({details}); resuming would mix them. Use a new "
+            "output_dir, or delete the old one to start over."
+        )
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Every record of a JSONL file (blank lines skipped); a bad line is reported with its file and line number."""
-    records = []
     with Path(path).open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
+        return _records(handle, path, remedy="fix or delete that line.")
+
+
+def _records(lines: Iterable[str], path: str | os.PathLike, *, remedy: str) -> list[dict[str, Any]]:
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg}); {remedy}") from None
     return records
 
 
@@ -129,8 +130,7 @@ def jsonl_problem(path: str | os.PathLike) -> str | None:
 
 
 def write_jsonl(path: str | os.PathLike, records: list[dict[str, Any]]) -> Path:
-    """Write `records` as a new JSONL file (parent folders created); returns the path."""
+    """Write `records` as a new JSONL file (parent folders created), atomically; returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8")
+    write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
     return path

@@ -145,7 +145,7 @@ def symbolic_equal(prediction: Any, gold: Any) -> bool:
             if not abs(left_value - right_value) <= 1e-9 * max(1.0, abs(left_value), abs(right_value)):
                 return False
         return True
-    except Exception:  # sympy raises many kinds of errors on odd input (tuples, infinities); none means "equal"
+    except Exception:  # noqa: BLE001 - sympy raises many kinds of errors on odd input (tuples, infinities); none means "equal"
         return False
 
 
@@ -206,7 +206,7 @@ def _sympy_expression(value: Any):
         if _log10_bound(parse_expr(source, evaluate=False, **options())) > _MAX_LOG10:
             return None
         return parse_expr(source, evaluate=True, **options())
-    except Exception:  # not an expression in the whitelisted grammar
+    except Exception:  # noqa: BLE001 - not an expression in the whitelisted grammar
         return None
 
 

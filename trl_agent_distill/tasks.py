@@ -227,3 +227,24 @@ def load_backend(model: str, config: AgentTaskConfig, *, base_url: str | None = 
     backend = TransformersBackend.from_pretrained(model, dtype=config.dtype, batch_size=config.batch_size, **model_kwargs)
     check_4bit_layers_packable(backend.model, model)
     return backend
+
+
+def check_resumed_tasks(records: list[dict[str, Any]], tasks: list[Task], journal: os.PathLike, *,
+                        answer_key: str = "answer") -> None:
+    """Refuse to resume when a task already done in `journal` has another question or gold answer in the task file.
+
+    Resumption skips task ids; without this check an edited task file would keep the old tasks' results.
+    """
+    current = {task.task_id: task for task in tasks}
+    for record in records:
+        task = current.get(record["task_id"])
+        if task is None:
+            continue  # outside this run's `max_tasks`: kept, not compared
+        answer = None if task.answer is None else str(task.answer)
+        for name, was, now in (("question", record["question"], task.question), ("answer", record[answer_key], answer)):
+            if was != now:
+                raise ValueError(
+                    f"Task {task.task_id!r} changed since {journal} was written (its {name} was {was!r:.80}, is "
+                    f"{now!r:.80}); resuming would keep results for the old task. Use a new output_dir, or delete "
+                    "the old one to start over."
+                )

@@ -4,9 +4,9 @@ Training from the cache loads no teacher at all; the loss compares the student w
 log-probabilities plus one bucket for the rest, see `losses.SparseTeacher`). The cache is a folder of `datasets`
 shards (`shard-00000/`, ...), one row per dataset row in order, each completed shard sealed by a checksum file
 written after it, so an interrupted build resumes without recomputing finished shards and a truncated shard is
-rebuilt instead of read. `fingerprint.json` records what the cache was built from; a run that differs in any field
-is refused with the field named. At k=64 a trained token costs 388 bytes (int32 ids, float16 log-probs, float32
-tail).
+rebuilt instead of read. `fingerprint.json` records what the cache was built from and how it is cut into shards; a
+run that differs in any field is refused with the field named. At k=64 a trained token costs 388 bytes (int32 ids,
+float16 log-probs, float32 tail).
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from .collator import CACHED_TEACHER_COLUMNS, ENCODED_COLUMNS, AgentTrajectoryCo
 from .encoding import trained_token_counts
 from .heads import FinalHiddenStates, final_norm, logit_head
 from .losses import SparseTeacher, bucket_logprobs
+from .storage import publish_folder, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -206,11 +205,19 @@ def build_teacher_cache(
             f"{root} holds a cache built for another run ({'; '.join(existing.differences(fingerprint))}); choose "
             "another folder or delete this one."
         )
-    root.mkdir(parents=True, exist_ok=True)
+    if existing is not None and _shard_rows(root) != shard_rows:
+        # Sealed shards hold the rows of the old cut: under a new one they would pass for rows never computed.
+        raise TeacherCacheError(
+            f"{root} holds a cache cut into shards of {_shard_rows(root)} rows, this run asks for {shard_rows} "
+            f"(teacher_cache_shard_rows); set teacher_cache_shard_rows: {_shard_rows(root)} to resume it, or choose "
+            "another folder or delete this one."
+        )
     if process_index == 0:
-        _write_json(root / FINGERPRINT_FILE, {**asdict(fingerprint), "shard_rows": shard_rows})
-    elif existing is None:
-        _wait_for(root / FINGERPRINT_FILE)
+        write_json(root / FINGERPRINT_FILE, {**asdict(fingerprint), "shard_rows": shard_rows})
+    if num_processes > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()  # the others read the fingerprint the main process has just written
     num_shards = _num_shards(len(dataset), shard_rows)
     todo = [s for s in range(process_index, num_shards, num_processes) if not _shard_is_sealed(root, s)]
     rows_todo = sum(len(range(s * shard_rows, min(len(dataset), (s + 1) * shard_rows))) for s in todo)
@@ -299,13 +306,9 @@ def _seal_file(root: Path, shard: int) -> Path:
 
 
 def _write_shard(root: Path, shard: int, rows: datasets.Dataset) -> None:
-    """Write to a temporary folder, move it in place, then seal it: a crash at any point leaves no sealed half."""
-    final, partial = _shard_dir(root, shard), root / f".partial-{shard:05d}"
-    shutil.rmtree(partial, ignore_errors=True)
-    rows.save_to_disk(str(partial))
-    shutil.rmtree(final, ignore_errors=True)
-    partial.rename(final)
-    _write_json(_seal_file(root, shard), {"rows": len(rows), "files": _checksums(final)})
+    """Publish the shard folder atomically, then seal it: a crash at any point leaves no sealed half."""
+    final = publish_folder(_shard_dir(root, shard), lambda folder: rows.save_to_disk(str(folder)))
+    write_json(_seal_file(root, shard), {"rows": len(rows), "files": _checksums(final)})
 
 
 def _shard_is_sealed(root: Path, shard: int) -> bool:
@@ -314,7 +317,7 @@ def _shard_is_sealed(root: Path, shard: int) -> bool:
         return False
     try:
         recorded = json.loads(seal.read_text())["files"]
-    except (json.JSONDecodeError, KeyError):
+    except (json.JSONDecodeError, KeyError, TypeError):
         return False
     return recorded == _checksums(_shard_dir(root, shard))
 
@@ -330,27 +333,25 @@ def _num_shards(num_rows: int, shard_rows: int) -> int:
 
 
 def _shard_rows(root: Path) -> int:
-    return json.loads((root / FINGERPRINT_FILE).read_text())["shard_rows"]
+    return _read_fingerprint_file(root)["shard_rows"]
 
 
 def _read_fingerprint(root: Path) -> CacheFingerprint | None:
-    path = root / FINGERPRINT_FILE
-    if not path.is_file():
+    data = _read_fingerprint_file(root)
+    if data is None:
         return None
-    data: dict[str, Any] = json.loads(path.read_text())
     data.pop("shard_rows", None)
-    return CacheFingerprint(**data)
+    try:
+        return CacheFingerprint(**data)
+    except TypeError:
+        raise TeacherCacheError(
+            f"{root / FINGERPRINT_FILE} does not describe a teacher cache of this version; delete the folder and "
+            "run `trl-agent-distill cache-teacher` again."
+        ) from None
 
 
-def _write_json(path: Path, data: dict) -> None:
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(temporary, path)
-
-
-def _wait_for(path: Path, timeout: float = 600.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.is_file():
-        if time.monotonic() > deadline:
-            raise TeacherCacheError(f"{path} did not appear: the main process did not start the cache.")
-        time.sleep(0.2)
+def _read_fingerprint_file(root: Path) -> dict[str, Any] | None:
+    data = read_json(root / FINGERPRINT_FILE, remedy="delete the folder and run `trl-agent-distill cache-teacher` again.")
+    if data is not None and not isinstance(data, dict):
+        raise TeacherCacheError(f"{root / FINGERPRINT_FILE} holds no fingerprint; delete the folder and build it again.")
+    return data

@@ -10,7 +10,6 @@ so that it has something to teach.
 from __future__ import annotations
 
 import hashlib
-import json
 import tempfile
 from collections.abc import Callable, Iterable
 from importlib import resources
@@ -22,16 +21,18 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     GenerationConfig,
-    PrinterCallback,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
+    PrinterCallback,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
 
 from .config import AgentDistillConfig
+from .jsonl import read_jsonl
+from .storage import as_stored, publish_folder, read_fingerprint, write_json
 from .trainer import AgentDistillTrainer
 
 PAD_TOKEN = "<|endoftext|>"
@@ -263,10 +264,8 @@ def sft_teacher(
 # -------------------------------------------------------------------------------------------------- toy data
 def toy_trajectories() -> datasets.Dataset:
     """The embedded CodeAct toy trajectories (`messages`, `task_id`, `answer`) over an invented world."""
-    path = resources.files("trl_agent_distill").joinpath(TOY_TRAJECTORIES)
-    with path.open(encoding="utf-8") as handle:
-        rows = [json.loads(line) for line in handle if line.strip()]
-    return datasets.Dataset.from_list(rows)
+    with resources.as_file(resources.files("trl_agent_distill").joinpath(TOY_TRAJECTORIES)) as path:
+        return datasets.Dataset.from_list(read_jsonl(path))
 
 
 def toy_texts() -> list[str]:
@@ -293,16 +292,21 @@ def _write_pair(
     teacher = build_tiny_model(tokenizer, **teacher_kwargs)
     student = build_tiny_model(tokenizer, **student_kwargs)
     sft_record = finetune_teacher(teacher, tokenizer) if finetune_teacher is not None else None
-    for model, directory in ((teacher, teacher_dir), (student, student_dir)):
-        model.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
-    if sft_record is not None:
-        (teacher_dir / SFT_RECORD).write_text(json.dumps(sft_record, indent=2) + "\n", encoding="utf-8")
-    else:
-        (teacher_dir / SFT_RECORD).unlink(missing_ok=True)  # a record left by an earlier, fine-tuned pair
-    # Written last: a crash midway leaves no recipe, so the next run rebuilds instead of trusting half a pair.
-    (root / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    # The old recipe goes first and the new one last: a crash in between leaves no recipe, so the next run rebuilds
+    # instead of trusting a pair whose teacher and student come from different builds.
+    (root / RECIPE_FILE).unlink(missing_ok=True)
+    for model, directory, record in ((teacher, teacher_dir, sft_record), (student, student_dir, None)):
+        publish_folder(directory, lambda folder, model=model, record=record: _save_model(model, tokenizer, folder, record))
+    write_json(root / RECIPE_FILE, recipe)
     return str(teacher_dir), str(student_dir)
+
+
+def _save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, folder: Path,
+                sft_record: dict[str, Any] | None) -> None:
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if sft_record is not None:
+        write_json(folder / SFT_RECORD, sft_record)
 
 
 def _pair_is_current(root: Path, recipe: dict[str, Any]) -> bool:
@@ -310,11 +314,7 @@ def _pair_is_current(root: Path, recipe: dict[str, Any]) -> bool:
     needed = ("config.json", "model.safetensors", "tokenizer.json")
     if not all((root / name / file).is_file() for name in ("teacher", "student") for file in needed):
         return False
-    try:
-        saved = json.loads((root / RECIPE_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return False
-    return saved == json.loads(json.dumps(recipe))
+    return read_fingerprint(root, fingerprint_name=RECIPE_FILE) == as_stored(recipe)
 
 
 def _texts_digest(texts: list[str]) -> str:

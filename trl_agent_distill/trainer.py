@@ -38,14 +38,15 @@ from .envs.toy import ToyWorld
 from .heads import FinalHiddenStates, LogitHead, final_norm, logit_head
 from .losses import (
     DenseTeacher,
-    SparseTeacher,
     SpanLossOutput,
+    SparseTeacher,
     chunked_span_divergence_loss,
     span_divergence_loss,
     span_normalizers,
 )
 from .quantization import keep_4bit_training_layout
 from .rollout import AgentRollouts
+from .storage import check_writable_directory
 from .teacher_cache import attach_teacher_cache, load_teacher_cache, run_fingerprint, sparse_teacher_from_batch
 from .vocabulary import added_tokens_appended, load_tokenizer, tokenizer_mismatch, tokenizer_source
 
@@ -110,6 +111,7 @@ class AgentDistillTrainer(GKDTrainer):
             raise ValueError("packing / padding_free are not supported: REASON / ACT masks are per trajectory.")
         if formatting_func is not None:
             raise ValueError("formatting_func is not supported: give rows with 'messages' or 'text' instead.")
+        check_writable_directory(args.output_dir, "output_dir")  # before encoding, model loading and training
         teacher_wanted = args.needs_teacher or (args.uses_divergence and eval_dataset is not None)
         if teacher_model is None and teacher_wanted:  # a teacher cache alone needs no teacher weights
             teacher_model = args.teacher_model_name_or_path

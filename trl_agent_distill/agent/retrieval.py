@@ -11,25 +11,23 @@ the settings, and reused by later runs as long as both match.
 from __future__ import annotations
 
 import abc
-import glob
 import hashlib
 import importlib.metadata
 import json
 import logging
 import os
 import re
-import secrets
-import shutil
-import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import bm25s
 import numpy as np
+
+from ..storage import as_stored, publish_folder, read_fingerprint, remove_stale_work_dirs
 
 if TYPE_CHECKING:
     import datasets
@@ -230,7 +228,7 @@ class RetrievalTool:
 
     def _load_or_build(self) -> bool:
         """Reuse the saved index when its manifest matches this corpus and these settings; else build (and save)."""
-        manifest = _json_roundtrip(
+        manifest = as_stored(
             {
                 "format_version": INDEX_FORMAT_VERSION,
                 "retriever": self.retriever,
@@ -241,12 +239,12 @@ class RetrievalTool:
         )
         directory = self.index_dir
         if directory is not None:
-            _remove_stale_work_dirs(directory)
-            if _read_manifest(directory) == manifest:
+            remove_stale_work_dirs(directory)
+            if read_fingerprint(directory, fingerprint_name=MANIFEST_NAME) == manifest:
                 start = time.perf_counter()
                 try:
                     self._index.load(directory, len(self._corpus))
-                except Exception as error:  # a damaged file must cost a rebuild, not a crashed agent run
+                except Exception as error:  # noqa: BLE001 - a damaged file must cost a rebuild, not a crashed agent run
                     logger.warning("Index %s could not be read (%s); rebuilding it.", directory, error)
                 else:
                     logger.info(
@@ -261,16 +259,12 @@ class RetrievalTool:
         )
         if directory is not None:
             try:
-                _save_atomically(directory, lambda work_dir: self._write_index(work_dir, manifest))
+                # The manifest goes last: an index directory is trusted only if its manifest is there and matches.
+                publish_folder(directory, self._index.save, manifest, fingerprint_name=MANIFEST_NAME)
             except OSError as error:
                 # A read-only corpus location must not stop the agent: the index still works from memory.
                 logger.warning("Could not save the index to %s (%s); keeping it in memory only.", directory, error)
         return False
-
-    def _write_index(self, work_dir: Path, manifest: dict) -> None:
-        self._index.save(work_dir)
-        # The manifest goes last: an index directory is trusted only if its manifest is there and matches.
-        (work_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -627,107 +621,3 @@ def _top_k(scores: np.ndarray, k: int, *, positive_only: bool) -> list[int]:
         pool = pool[pool_scores >= kth_best]
     order = np.lexsort((pool, -scores[pool]))
     return pool[order[:k]].tolist()
-
-
-def _json_roundtrip(value: dict) -> dict:
-    # Compare manifests as they read back from disk (tuples become lists, keys become strings).
-    return json.loads(json.dumps(value))
-
-
-def _read_manifest(directory: Path) -> dict | None:
-    try:
-        return json.loads((directory / MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _make_work_dir(target: Path, kind: str) -> Path:
-    """A fresh hidden directory beside `target`: `.<name>.<kind>-<host>-<pid>-<random>`.
-
-    Host and pid in the name let a later run tell a crashed build's leftovers from a build still under way.
-    os.mkdir rather than tempfile.mkdtemp: mkdtemp's private 0700 mode would end up on the installed index,
-    hiding it from other users of a shared corpus; mkdir follows the umask.
-    """
-    work_dir = target.parent / f".{target.name}.{kind}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(6)}"
-    os.mkdir(work_dir)
-    return work_dir
-
-
-def _save_atomically(target: Path, write: Callable[[Path], None]) -> None:
-    """Run `write` into a fresh directory beside `target`, then rename it into place.
-
-    A crash at any point leaves either the previous index, no index, or a hidden work directory, never a
-    half-written `target`; readers also check the manifest, which `write` puts last.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work_dir = _make_work_dir(target, "tmp")
-    stale = None
-    try:
-        write(work_dir)
-        _fsync_tree(work_dir)
-        if target.exists():
-            # rename() cannot replace a non-empty directory: move the outdated index aside, then swap.
-            stale = _make_work_dir(target, "old")
-            os.rename(target, stale / "index")
-        try:
-            os.rename(work_dir, target)
-        except OSError:
-            if not target.exists():
-                raise
-            # Another process installed its index in the meantime; it was built for the same manifest, keep it.
-            shutil.rmtree(work_dir, ignore_errors=True)
-        _fsync_dir(target.parent)
-    except BaseException:
-        shutil.rmtree(work_dir, ignore_errors=True)
-        raise
-    finally:
-        if stale is not None:
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-def _fsync_tree(directory: Path) -> None:
-    # The data must be on disk before the rename publishes it: otherwise a power cut can leave a renamed
-    # directory, manifest included, whose files are empty.
-    if os.name != "posix":
-        return
-    for path in directory.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    if os.name != "posix":
-        return
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _remove_stale_work_dirs(target: Path) -> None:
-    """Delete work directories that crashed builds on this host left beside `target` (they are never read)."""
-    if os.name != "posix" or not target.parent.is_dir():
-        return  # the liveness check below needs POSIX signals
-    host = socket.gethostname()
-    for kind in ("tmp", "old"):
-        prefix = f".{target.name}.{kind}-{host}-"
-        for entry in target.parent.glob(f"{glob.escape(prefix)}*"):
-            pid_text = entry.name[len(prefix) :].split("-", 1)[0]
-            if pid_text.isdigit() and int(pid_text) != os.getpid() and not _process_alive(int(pid_text)):
-                logger.info("Removing %s, left by an interrupted index build.", entry)
-                shutil.rmtree(entry, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, it just belongs to someone else
-    except (OSError, OverflowError):
-        return False
-    return True

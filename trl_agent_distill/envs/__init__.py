@@ -1,5 +1,5 @@
 """Environments: task worlds with tools for agents, generated locally (no download)."""
 
-from .toy import ToyTask, ToyWorld, Town
+from .toy import Town, ToyTask, ToyWorld
 
 __all__ = ["ToyTask", "ToyWorld", "Town"]
