@@ -211,6 +211,19 @@ def test_changed_settings_are_refused_on_resume(tmp_path):
     generate_trajectories(make_config(tmp_path, batch_size=2), backend=PolicyBackend(oracle))  # harmless change
 
 
+def test_a_run_recorded_by_the_previous_release_resumes_under_the_renamed_option(tmp_path):
+    config = make_config(tmp_path, max_tasks=1)
+    generate_trajectories(config, backend=PolicyBackend(oracle))
+    settings_file = Path(config.output_dir, "generate_config.json")
+    recorded = json.loads(settings_file.read_text())
+    recorded["max_steps"] = recorded.pop("max_agent_steps")  # what the previous release wrote
+    settings_file.write_text(json.dumps(recorded))
+    summary = generate_trajectories(make_config(tmp_path), backend=PolicyBackend(oracle))
+    assert summary["episodes"] == len(TASKS)
+    with pytest.raises(ValueError, match=r"max_agent_steps: 3 -> 4"):
+        generate_trajectories(make_config(tmp_path, max_agent_steps=4), backend=PolicyBackend(oracle))
+
+
 def test_a_settings_file_emptied_by_a_kill_is_named_with_what_to_do(tmp_path):
     config = make_config(tmp_path, max_tasks=1)
     generate_trajectories(config, backend=PolicyBackend(oracle))

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from trl_agent_distill.agent.sandbox import protocol
 from trl_agent_distill.agent.sandbox import (
     DEFAULT_ALLOWED_IMPORTS,
     Observation,
     PythonExecutor,
     PythonSandbox,
     SandboxError,
+    protocol,
     render_observation,
 )
 

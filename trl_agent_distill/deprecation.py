@@ -15,3 +15,16 @@ def take_renamed_option(config, old: str, new: str, why: str) -> None:
                   FutureWarning, stacklevel=3)
     setattr(config, new, value)
     setattr(config, old, None)
+
+
+# Settings files written by runs of the previous release name these options by their old names.
+_RENAMED_SETTINGS = {"max_steps": "max_agent_steps"}
+
+
+def upgrade_recorded_settings(recorded: dict) -> dict:
+    """`recorded` (a run's settings file) under this release's option names, so an older run can be resumed."""
+    upgraded = dict(recorded)
+    for old, new in _RENAMED_SETTINGS.items():
+        if new not in upgraded and upgraded.get(old) is not None:
+            upgraded[new], upgraded[old] = upgraded.pop(old), None
+    return upgraded

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from .deprecation import upgrade_recorded_settings
 from .storage import as_stored, read_json, write_json, write_text
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ def check_same_settings(path: Path, settings: dict[str, Any]) -> None:
     if previous is None:
         write_json(path, settings)
         return
+    previous = upgrade_recorded_settings(previous)
     settings = as_stored(settings)
     changed = sorted(k for k in settings.keys() | previous.keys() if previous.get(k) != settings.get(k))
     if changed:

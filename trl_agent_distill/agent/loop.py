@@ -421,7 +421,7 @@ class ReActAgent(Agent):
                          tool_error=True)
         try:
             output = str(self.tools[name](call.argument))
-        except Exception as error:  # a tool's failure is something the agent must see and recover from
+        except Exception as error:  # noqa: BLE001 - a tool's failure is something the agent must see and recover from
             failure = ToolError(ToolCall(name, call.argument), str(error))
             return _Step(content=parsed.content, observation=self.format.observation_text(failure), tool_error=True)
         return _Step(content=parsed.content, observation=self.format.observation_text(output))

@@ -27,8 +27,9 @@ import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from . import protocol
 from .executor import Observation, PythonExecutor
@@ -90,7 +91,7 @@ class _Channel:
             self.sock.settimeout(self._remaining(deadline))
             try:
                 sent = self.sock.send(view)
-            except socket.timeout:
+            except TimeoutError:
                 raise _Timeout from None
             view = view[sent:]
 
@@ -115,7 +116,7 @@ class _Channel:
             try:
                 data, ancdata, _flags, _addr = self.sock.recvmsg(max(65536, min(n - len(self._buffer), 1 << 22)),
                                                                  self._FD_SPACE, socket.MSG_CMSG_CLOEXEC)
-            except socket.timeout:
+            except TimeoutError:
                 if watch is None or time.monotonic() >= deadline:
                     raise _Timeout from None
                 watch()
@@ -431,7 +432,7 @@ def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
         return None
 
 
-_live: "weakref.WeakSet[PythonSandbox]" = weakref.WeakSet()
+_live: weakref.WeakSet[PythonSandbox] = weakref.WeakSet()
 
 
 @atexit.register
@@ -594,7 +595,7 @@ class PythonSandbox(PythonExecutor):
                 if not finished:  # e.g. KeyboardInterrupt in the parent: the channel is out of step now
                     self._discard_worker()
 
-    def fork(self) -> "PythonSandbox":
+    def fork(self) -> PythonSandbox:
         """An independent copy of this sandbox: same variables and imports, files copied, its own worker."""
         with self._lock:
             self._check_open()
@@ -647,7 +648,7 @@ class PythonSandbox(PythonExecutor):
             self._lineage.release()
             _live.discard(self)
 
-    def __enter__(self) -> "PythonSandbox":
+    def __enter__(self) -> PythonSandbox:
         return self
 
     def __del__(self) -> None:

@@ -32,7 +32,7 @@ import platform
 import resource
 import stat
 import struct
-from typing import Iterable
+from collections.abc import Iterable
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall

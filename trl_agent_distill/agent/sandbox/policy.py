@@ -45,7 +45,8 @@ import importlib
 import os
 import sys
 import types
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 # --------------------------------------------------------------------------------------------------------------
 # Errors. Exceptions with ``sandbox_policy = True`` are shown to the model without their type name.
@@ -927,7 +928,7 @@ def patch_sympy(gate: ModuleGate, builtins_factory: Callable[[], dict]) -> None:
         return compile_checked(code, filename, mode)
 
     def eval_expr(code: Any, local_dict: dict, global_dict: dict) -> Any:
-        return eval(_checked(code, "eval", "<sympify>"), safe_namespace(global_dict), local_dict)
+        return eval(_checked(code, "eval", "<sympify>"), safe_namespace(global_dict), local_dict)  # noqa: S307 - checked code, sandbox namespace
 
     def lambdify_exec(code: Any, globals: dict | None = None, locals: dict | None = None) -> None:
         # lambdify runs fixed import lines and the source it generated from the expression (which embeds
@@ -937,7 +938,7 @@ def patch_sympy(gate: ModuleGate, builtins_factory: Callable[[], dict]) -> None:
         cleaned = safe_namespace(target)
         target.clear()
         target.update(cleaned)
-        exec(_checked(code, "exec", "<lambdify>"), target, locals)
+        exec(_checked(code, "exec", "<lambdify>"), target, locals)  # noqa: S102 - checked code, sandbox namespace
 
     def lambdify_eval(code: Any, *args: Any) -> Any:
         raise ImportBlocked("lambdify can only use the math, numpy and sympy modules in this sandbox.")

@@ -245,7 +245,7 @@ def loads(data: bytes) -> Any:
     scan(data)
     try:
         return _PlainUnpickler(io.BytesIO(data)).load()
-    except Exception as exc:  # any decoding failure is a protocol violation, whatever its type
+    except Exception as exc:  # noqa: BLE001 - any decoding failure is a protocol violation, whatever its type
         raise ProtocolError(f"undecodable message: {type(exc).__name__}: {exc}") from None
 
 
