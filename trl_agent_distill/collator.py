@@ -124,6 +124,16 @@ class AgentTrajectoryCollator:
         self.num_skipped = 0
         self.num_truncated = 0
 
+    @classmethod
+    def from_config(cls, tokenizer: PreTrainedTokenizerBase, args, **overrides) -> AgentTrajectoryCollator:
+        """The collator an `AgentDistillConfig` describes (its length, style, malformed-row and template settings),
+        with `overrides` for a collator that differs on purpose (rollouts train unparsed turns as ACT)."""
+        settings = dict(
+            max_length=args.max_length, style=args.segmentation_style, on_malformed=args.on_malformed,
+            truncation_mode=args.truncation_mode, use_training_chat_template=args.use_training_chat_template,
+        )
+        return cls(tokenizer, **{**settings, **overrides})
+
     # ------------------------------------------------------------------ batching
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         encoded = []

@@ -233,7 +233,11 @@ def _nothing_to_train(split: str, total: int, report: EncodingReport, collator: 
             f", truncation_mode={collator.truncation_mode!r}). Training would change nothing: raise max_length, or "
             "set truncation_mode='keep_end' to keep the ends of long trajectories."
         )
-    return f"The {split} dataset has no usable trajectory left ({report.malformed_skipped} of {total} malformed)."
+    return (
+        f"The {split} dataset has no usable trajectory left ({report.malformed_skipped} of {total} malformed; the "
+        "warnings above name the first rows and why). Fix those rows, or set segmentation_style to the style they "
+        "are written in (or 'none' for token-level distillation)."
+    )
 
 
 # ---------------------------------------------------------------------------------------------- streams

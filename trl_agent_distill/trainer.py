@@ -125,14 +125,7 @@ class AgentDistillTrainer(GKDTrainer):
 
         processing_class = processing_class or _load_tokenizer(model, args)
         if data_collator is None:
-            data_collator = AgentTrajectoryCollator(
-                processing_class,
-                max_length=args.max_length,
-                style=args.segmentation_style,
-                on_malformed=args.on_malformed,
-                truncation_mode=args.truncation_mode,
-                use_training_chat_template=args.use_training_chat_template,
-            )
+            data_collator = AgentTrajectoryCollator.from_config(processing_class, args)
         self.encoding_reports: dict[str, EncodingReport] = {}
         if isinstance(data_collator, AgentTrajectoryCollator):
             train_dataset = self._encode_dataset(train_dataset, data_collator, "train", args)
@@ -220,6 +213,7 @@ class AgentDistillTrainer(GKDTrainer):
         self._span_stats = {mode: torch.zeros(len(_STAT_NAMES), dtype=torch.float64) for mode in ("train", "eval")}
         self._rollouts = self._setup_rollouts(args) if args.lmbda > 0 and args.rollout is not None else None
         self._rollout_stats = dict.fromkeys(_ROLLOUT_STAT_NAMES, 0.0)
+        self._completion_collator: AgentTrajectoryCollator | None = None
 
     # ------------------------------------------------------------------ setup
     def _attach_teacher_cache(self, dataset, tokenizer, args: AgentDistillConfig):
@@ -303,9 +297,8 @@ class AgentDistillTrainer(GKDTrainer):
             self.accelerator.wait_for_everyone()
         config = args.rollout_task_config()
         style = args.segmentation_style if args.segmentation_style != "auto" else config.agent
-        self._rollout_collator = AgentTrajectoryCollator(
-            self.processing_class, max_length=args.max_length, style=style, on_malformed="act",
-            use_training_chat_template=args.use_training_chat_template,
+        self._rollout_collator = AgentTrajectoryCollator.from_config(
+            self.processing_class, args, style=style, on_malformed="act"
         )
         return AgentRollouts(config, self.processing_class, seed=args.seed + self.accelerator.process_index)
 
@@ -388,9 +381,12 @@ class AgentDistillTrainer(GKDTrainer):
         }
 
     def _mask_collator(self) -> AgentTrajectoryCollator:
+        """Labels generated completions: the data collator, or (a custom collator with span masks) one built once."""
         if isinstance(self.data_collator, AgentTrajectoryCollator):
             return self.data_collator
-        return AgentTrajectoryCollator(self.processing_class, style=self.args.segmentation_style)
+        if self._completion_collator is None:
+            self._completion_collator = AgentTrajectoryCollator.from_config(self.processing_class, self.args)
+        return self._completion_collator
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
         """Also count REASON and ACT tokens over the whole accumulation window, for 'span' normalization."""

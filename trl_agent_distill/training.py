@@ -115,11 +115,7 @@ def cache_teacher(script_args: AgentDistillScriptArguments, training_args: Agent
     state = PartialState(cpu=args.use_cpu)
     tokenizer = AutoTokenizer.from_pretrained(args.teacher_model_name_or_path, trust_remote_code=args.trust_remote_code)
     splits = load_trajectory_splits(script_args, dataset_args)
-    collator = AgentTrajectoryCollator(
-        tokenizer, max_length=args.max_length, style=args.segmentation_style, on_malformed=args.on_malformed,
-        truncation_mode=args.truncation_mode,
-        use_training_chat_template=args.use_training_chat_template,
-    )
+    collator = AgentTrajectoryCollator.from_config(tokenizer, args)
     dataset, _ = encode_dataset(splits[script_args.dataset_train_split], collator, "train", args.dataset_num_proc)
     teacher = create_model_from_path(args.teacher_model_name_or_path, **args.teacher_init_kwargs(state.device))
     if args.teacher_quantization_config() is None:
