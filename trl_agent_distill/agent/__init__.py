@@ -14,7 +14,7 @@ from .backends import (
     SamplingParams,
     TransformersBackend,
 )
-from .loop import Agent, CodeActAgent, Episode, ReActAgent, SelfConsistency, Task
+from .loop import Agent, CodeActAgent, EnvironmentAgent, Episode, ReActAgent, SelfConsistency, Task
 from .retrieval import Document, RetrievalTool
 from .sandbox import DEFAULT_ALLOWED_IMPORTS, Observation, PythonExecutor, PythonSandbox, SandboxError
 
@@ -25,6 +25,7 @@ __all__ = [
     "CodeActAgent",
     "Completion",
     "Document",
+    "EnvironmentAgent",
     "Episode",
     "GenerationBackend",
     "GenerationRequest",

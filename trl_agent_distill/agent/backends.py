@@ -54,6 +54,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
     prefix: str = ""
+    tools: list[dict[str, Any]] | None = None  # JSON schemas the chat template shows (native tool calling)
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,8 @@ class TransformersBackend(GenerationBackend):
         from transformers import GenerationConfig
 
         prompts = [
-            self.tokenizer.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True) + r.prefix
+            self.tokenizer.apply_chat_template(r.messages, tools=r.tools, tokenize=False, add_generation_prompt=True)
+            + r.prefix
             for r in requests
         ]
         inputs = self.tokenizer(

@@ -18,6 +18,7 @@ next tasks, yielding episodes as they end.
 from __future__ import annotations
 
 import keyword
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,20 +35,26 @@ from ..formats import (
     ToolCall,
     ToolError,
 )
+from ..envs.base import Environment, EnvironmentFailure, EnvironmentSuite, Transition
 from ..metrics import normalize_answer
 from .backends import Completion, GenerationBackend, GenerationRequest, SamplingParams
 from .sandbox import Observation, PythonSandbox, SandboxError
 
-STOP_REASONS = ("final_answer", "max_steps", "error")
+STOP_REASONS = ("final_answer", "done", "max_steps", "error")
 
 
 @dataclass(frozen=True)
 class Task:
-    """A question for the agent; `answer` is the gold answer when known (it is never shown to the model)."""
+    """A question for the agent; `answer` is the gold answer when known (it is never shown to the model).
+
+    In an interactive environment `question` is the task text and `setup` what the environment needs to set the
+    task up (a game file, a benchmark entry); it is never shown to the model either.
+    """
 
     task_id: str
     question: str
     answer: Any = None
+    setup: Any = None
 
 
 @dataclass(frozen=True)
@@ -69,8 +76,10 @@ class SelfConsistency:
 class Episode:
     """One task's trajectory as chat `messages`, with what happened along the way.
 
-    `stop_reason` is `"final_answer"` (the agent answered), `"max_steps"` (it ran out of steps) or `"error"`
-    (its environment failed, e.g. the sandbox could not start; the reason is in `errors`). With self-consistency,
+    `stop_reason` is `"final_answer"` (the agent answered), `"done"` (an interactive environment ended the
+    episode), `"max_steps"` (it ran out of steps) or `"error"` (its environment failed, e.g. the sandbox could not
+    start or an environment step hung; the reason is in `errors`). In an interactive environment `success` and
+    `reward` are the environment's (None elsewhere) and `invalid_actions` counts the actions it rejected. With self-consistency,
     `votes` records per step how many candidates there were, how many were valid, the sizes of the groups of equal
     results (largest first) and the index of the chosen candidate.
     """
@@ -85,6 +94,10 @@ class Episode:
     errors: list[str] = field(default_factory=list)
     # One entry per self-consistent step: {"step", "candidates", "valid", "group_sizes", "chosen"}.
     votes: list[dict[str, Any]] = field(default_factory=list)
+    success: bool | None = None
+    reward: float | None = None
+    invalid_actions: int = 0
+    tools: list[dict[str, Any]] | None = None  # the tool schemas the model was shown (native tool calling)
 
     @property
     def answered(self) -> bool:
@@ -94,6 +107,8 @@ class Episode:
         """A JSON-ready row with the same fields and types for every episode (so `datasets` can load a file)."""
         record = asdict(self)
         task = record.pop("task")
+        if record["tools"] is None:
+            del record["tools"]  # only tool-calling episodes have them
         return {
             "task_id": task["task_id"],
             "question": task["question"],
@@ -113,6 +128,12 @@ class _Step:
     done: bool = False
     parse_error: bool = False
     tool_error: bool = False
+    # Interactive environments: the stored messages when not plain text, what the environment said, and why the
+    # episode must stop when the environment failed.
+    message: dict[str, Any] | None = None
+    observation_messages: list[dict[str, Any]] | None = None
+    transition: Transition | None = None
+    failure: str | None = None
 
 
 @dataclass
@@ -226,30 +247,39 @@ class Agent(ABC):
                     self._close(running)
 
     def _start(self, task: Task, prefixes: Mapping[str, str] | None, pool: ThreadPoolExecutor) -> _Running:
-        messages = [
-            {"role": "system", "content": self.system_prompt},
-            {"role": "user", "content": self.format.task_message(task.question)},
-        ]
         prefix = (prefixes or {}).get(task.task_id, "")
-        return _Running(Episode(task=task, messages=messages), pool.submit(self.open_environment, task), prefix)
+        episode = Episode(task=task, messages=[{"role": "system", "content": self.system_prompt}],
+                          tools=self.tool_schemas(task))
+        running = _Running(episode, pool.submit(self.open_environment, task), prefix)
+        episode.messages.append({"role": "user", "content": self.task_turn(running)})
+        return running
+
+    def tool_schemas(self, task: Task) -> list[dict[str, Any]] | None:
+        """The tools the chat template shows for `task` (native tool calling), else None."""
+        return None
+
+    def task_turn(self, running: _Running) -> str:
+        """The user message that sets the task (the question; an interactive environment's first observation)."""
+        return self.format.task_message(running.episode.task.question)
 
     def _close(self, running: _Running) -> None:
         try:
             environment = running.environment.result()
-        except SandboxError:
+        except (SandboxError, EnvironmentFailure):
             return  # it never opened
         self.close_environment(environment)
 
     def _request(self, running: _Running) -> GenerationRequest:
         return GenerationRequest(
-            messages=running.episode.messages, sampling=self.sampling, stop=self.stop, prefix=running.prefix
+            messages=running.episode.messages, sampling=self.sampling, stop=self.stop, prefix=running.prefix,
+            tools=running.episode.tools,
         )
 
     def _advance(self, running: _Running, completions: list[Completion]) -> None:
         episode = running.episode
         try:
             environment = running.environment.result()
-        except SandboxError as error:
+        except (SandboxError, EnvironmentFailure) as error:
             episode.stop_reason = "error"
             episode.errors.append(f"the environment could not be started: {error}")
             return
@@ -264,9 +294,20 @@ class Agent(ABC):
             episode.votes.append({"step": episode.steps + 1, **choice.vote})
         running.prefix = ""  # only the first reply is forced
         episode.steps += 1
-        episode.messages.append({"role": "assistant", "content": step.content})
+        episode.messages.append(step.message or {"role": "assistant", "content": step.content})
         episode.parse_errors += step.parse_error
         episode.tool_errors += step.tool_error
+        if step.failure is not None:
+            episode.stop_reason = "error"
+            episode.errors.append(f"step {episode.steps}: {step.failure}")
+            return
+        if step.transition is not None:
+            episode.success = step.transition.success
+            episode.reward = (episode.reward or 0.0) + step.transition.reward
+            episode.invalid_actions += not step.transition.valid
+            if step.transition.done:
+                episode.stop_reason = "done"
+                return
         if step.done:
             episode.final_answer = None if step.final_answer is None else str(step.final_answer)
             episode.stop_reason = "final_answer"
@@ -274,7 +315,10 @@ class Agent(ABC):
         if step.observation is not None:
             if step.parse_error or step.tool_error:
                 episode.errors.append(f"step {episode.steps}: {step.observation}")
-            episode.messages.append({"role": "user", "content": self.format.observation_turn(step.observation)})
+            turns = step.observation_messages or [
+                {"role": "user", "content": self.format.observation_turn(step.observation)}
+            ]
+            episode.messages.extend(turns)
         if episode.steps >= self.max_steps:
             episode.stop_reason = "max_steps"
 
@@ -437,3 +481,119 @@ class ReActAgent(Agent):
         vote = {"candidates": len(replies), "valid": sum(key is not None for key in keys), "group_sizes": group_sizes,
                 "chosen": chosen}
         return _Choice(self.act(environment, replies[chosen], completions[chosen]), environment, vote)
+
+
+# ---------------------------------------------------------------------------------------------- environments
+class EnvironmentAgent(Agent):
+    """An agent in an interactive environment (`trl_agent_distill.envs`): each episode opens its own
+    `Environment` from `suite`, the first user turn is the environment's opening observation, and each parsed
+    action is answered by the environment (a thought by the format: "OK."). The episode ends when the
+    environment says done (`stop_reason="done"`, with its `success` and `reward`) or after `max_steps`.
+
+    An environment step that raises or runs longer than `step_timeout` seconds ends that episode as an error (the
+    hung environment is abandoned in its thread) and the run goes on. With `self_consistency`, candidates that parse
+    vote on the format's normalised action (`action_key`); the chosen one is carried out once.
+    """
+
+    def __init__(self, suite: EnvironmentSuite, *, max_steps: int = 50, sampling: SamplingParams | None = None,
+                 system_prompt: str | None = None, step_timeout: float = 60.0,
+                 self_consistency: SelfConsistency | Mapping[str, Any] | None = None):
+        if step_timeout <= 0:
+            raise ValueError(f"step_timeout must be > 0 seconds, got {step_timeout}")
+        self.suite = suite
+        self.step_timeout = step_timeout
+        super().__init__(suite.format, max_steps=max_steps, sampling=sampling, system_prompt=system_prompt,
+                         self_consistency=self_consistency)
+
+    def tool_schemas(self, task: Task) -> list[dict[str, Any]] | None:
+        return self.suite.tool_schemas(task)
+
+    def open_environment(self, task: Task) -> _OpenedEnvironment:
+        try:
+            environment = self.suite.make()
+        except EnvironmentFailure:
+            raise
+        except Exception as error:  # noqa: BLE001 - any engine failure is this episode's error, not the run's
+            raise EnvironmentFailure(f"{self.suite.name} could not start: {type(error).__name__}: {error}") from error
+        opened = _OpenedEnvironment(environment)
+        opened.first = opened.call(environment.reset, task, timeout=self.step_timeout, what="reset")
+        return opened
+
+    def close_environment(self, environment: _OpenedEnvironment) -> None:
+        environment.close(timeout=self.step_timeout)
+
+    def task_turn(self, running: _Running) -> str:
+        try:
+            opened = running.environment.result()
+        except EnvironmentFailure:
+            return self.format.task_message(running.episode.task.question)  # `_advance` records the failure
+        return self.format.task_message(self.format.observation_text(opened.first.observation))
+
+    def act(self, environment: _OpenedEnvironment, reply: str, completion: Completion) -> _Step:
+        parsed = self.format.parse(reply, truncated=completion.finish_reason == "length")
+        if isinstance(parsed, ParseError):
+            return _Step(content=parsed.content, observation=self.format.observation_text(parsed), parse_error=True,
+                         observation_messages=self.format.observation_messages(parsed))
+        message = self.format.assistant_message(parsed)
+        answer = self.format.reply_without_environment(parsed.action)
+        if answer is not None:
+            return _Step(content=parsed.content, observation=answer, message=message,
+                         observation_messages=self.format.observation_messages(answer))
+        try:
+            transition = environment.call(environment.environment.step, parsed.action, timeout=self.step_timeout,
+                                          what="step")
+        except EnvironmentFailure as error:
+            return _Step(content=parsed.content, message=message, failure=str(error))
+        return _Step(content=parsed.content, observation=self.format.observation_text(transition.observation),
+                     message=message, observation_messages=self.format.observation_messages(transition.observation),
+                     transition=transition)
+
+    def choose(self, environment: _OpenedEnvironment, replies: list[str], completions: list[Completion]) -> _Choice:
+        keys = []
+        for reply in replies:
+            parsed = self.format.parse(reply)
+            keys.append(None if isinstance(parsed, ParseError) else self.format.action_key(parsed.action))
+        chosen, group_sizes = majority(keys)
+        vote = {"candidates": len(replies), "valid": sum(key is not None for key in keys), "group_sizes": group_sizes,
+                "chosen": chosen}
+        return _Choice(self.act(environment, replies[chosen], completions[chosen]), environment, vote)
+
+
+class _OpenedEnvironment:
+    """An episode's environment and its opening transition; calls into it are bounded in time."""
+
+    def __init__(self, environment: Environment):
+        self.environment = environment
+        self.first: Transition | None = None
+        self.abandoned = False
+
+    def call(self, method: Callable[..., Transition], argument: Any, *, timeout: float, what: str) -> Transition:
+        """`method(argument)` in a daemon thread: an exception or a hang becomes an `EnvironmentFailure`."""
+        outcome: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                outcome["value"] = method(argument)
+            except BaseException as error:  # noqa: BLE001 - reported to the caller below
+                outcome["error"] = error
+
+        thread = threading.Thread(target=target, name=f"environment-{what}", daemon=True)
+        thread.start()
+        thread.join(timeout)
+        if thread.is_alive():
+            self.abandoned = True  # its thread may never return: never touch this environment again
+            raise EnvironmentFailure(f"the environment's {what} did not return within {timeout:g} s")
+        if "error" in outcome:
+            error = outcome["error"]
+            raise EnvironmentFailure(f"the environment's {what} failed: {type(error).__name__}: {error}") from error
+        if not isinstance(outcome["value"], Transition):
+            raise EnvironmentFailure(f"the environment's {what} returned {type(outcome['value']).__name__}, not a "
+                                     "Transition")
+        return outcome["value"]
+
+    def close(self, *, timeout: float) -> None:
+        if self.abandoned:
+            return
+        thread = threading.Thread(target=self.environment.close, name="environment-close", daemon=True)
+        thread.start()
+        thread.join(timeout)

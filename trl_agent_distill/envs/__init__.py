@@ -1,5 +1,26 @@
-"""Environments: task worlds with tools for agents, generated locally (no download)."""
+"""Environments: worlds that answer an agent's actions (ALFWorld, BFCL, WebShop) and generated task worlds (toy).
 
-from .toy import Town, ToyTask, ToyWorld
+Imported lazily: `trl_agent_distill.envs.base` is the interface; each suite brings an optional engine.
+"""
 
-__all__ = ["ToyTask", "ToyWorld", "Town"]
+import importlib
+
+_EXPORTS = {
+    "Environment": "base",
+    "EnvironmentFailure": "base",
+    "EnvironmentSuite": "base",
+    "Transition": "base",
+    "ENVIRONMENTS": "base",
+    "load_environment": "base",
+    "ToyTask": "toy",
+    "ToyWorld": "toy",
+    "Town": "toy",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

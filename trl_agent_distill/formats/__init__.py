@@ -6,7 +6,7 @@ agent loops speak through them, so what an agent writes is read back by the same
 """
 
 from .alfworld import ALFWorldFormat
-from .base import AgentFormat, ParsedReply, ParseError, TrajectoryFormat, describe_tool, load_prompts
+from .base import AgentFormat, EnvironmentFormat, ParsedReply, ParseError, TrajectoryFormat, describe_tool, load_prompts
 from .codeact import END_CODE, CodeActFormat, CodeAction, render_execution
 from .react import FINISH, ReActFormat, ToolCall, ToolError
 
@@ -16,6 +16,7 @@ __all__ = [
     "ALFWorldFormat",
     "AgentFormat",
     "CodeActFormat",
+    "EnvironmentFormat",
     "CodeAction",
     "ParseError",
     "ParsedReply",

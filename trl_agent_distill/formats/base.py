@@ -115,6 +115,36 @@ class AgentFormat(TrajectoryFormat, Generic[ActionT]):
         return self.observation_turn(self.observation_text(observation))
 
 
+class EnvironmentFormat(AgentFormat[ActionT]):
+    """An `AgentFormat` spoken in an interactive environment (`trl_agent_distill.envs`): the task message is the
+    environment's first observation, each parsed action goes to the environment (or, for a thought, is answered by
+    the format itself), and candidates of self-consistency vote on `action_key`.
+
+    Formats whose turns are not plain text (native tool calls) override `assistant_message` and
+    `observation_messages`.
+    """
+
+    def task_message(self, question: str) -> str:
+        """The first user turn: the environment's opening observation (the task text is part of it)."""
+        return self.prompts["task_message"].format(question=question)
+
+    def reply_without_environment(self, action: ActionT) -> str | None:
+        """The observation for an action the environment never sees (a `think:` line gets "OK."), else None."""
+        return None
+
+    @abstractmethod
+    def action_key(self, action: ActionT) -> Any:
+        """A hashable normal form of `action`: candidates with equal keys are the same action in a vote."""
+
+    def assistant_message(self, parsed: ParsedReply[ActionT]) -> dict[str, Any]:
+        """The message the episode stores for a reply."""
+        return {"role": "assistant", "content": parsed.content}
+
+    def observation_messages(self, observation: Any) -> list[dict[str, Any]]:
+        """The messages that show the model an observation (from the environment, or a `ParseError`)."""
+        return [{"role": "user", "content": self.render(observation)}]
+
+
 @functools.cache
 def load_prompts(name: str) -> dict[str, str]:
     """The prompt templates of format `name`, from the package data file `prompts/<name>.yaml`."""
