@@ -77,6 +77,8 @@ class EnvironmentSuite(ABC):
     name: str
     options_class: type | None = None
     """The dataclass of this suite's `environment_options` (checked by `load_environment`)."""
+    max_steps: int = 30
+    """The benchmark's step cap per episode, used when a run does not set `max_agent_steps`."""
 
     @property
     @abstractmethod
