@@ -163,7 +163,10 @@ def _episodes(backend: GenerationBackend, tasks: list[Task], setting: Setting, c
 def _record(episode: Episode, config: EvalConfig) -> dict[str, Any]:
     record = episode.to_record()
     prediction, gold = record.pop("final_answer"), record.pop("answer")
-    scores = score_answer(prediction, episode.task.answer, rel_tol=config.numeric_tolerance)
+    if episode.success is not None or config.environment is not None:  # the environment's verdict
+        scores = {"correct": float(bool(episode.success)), "reward": float(episode.reward or 0.0)}
+    else:
+        scores = score_answer(prediction, episode.task.answer, rel_tol=config.numeric_tolerance)
     return {**record, "prediction": prediction, "gold": gold, "scores": scores}
 
 
@@ -232,6 +235,7 @@ def summarize_run(records: list[dict[str, Any]], *, seconds: float, new: int) ->
         "mean_steps": mean(record["steps"] for record in records),
         "parse_errors_per_episode": mean(record["parse_errors"] for record in records),
         "tool_errors_per_episode": mean(record["tool_errors"] for record in records),
+        "invalid_actions_per_episode": mean(record.get("invalid_actions", 0) for record in records),
         "stop_reasons": dict(sorted(Counter(record["stop_reason"] for record in records).items())),
         "this_run": {"episodes": new, "seconds": round(seconds, 3),
                      "seconds_per_episode": round(seconds / new, 4) if new else 0.0},
@@ -252,7 +256,7 @@ def evaluate(config: EvalConfig, backends: dict[str, GenerationBackend] | None =
     if len(set(labels)) != len(labels):
         raise ValueError(f"Two models share a label in {labels}; name them with 'label=model'.")
     root = Path(config.output_dir)
-    shared = {k: v for k, v in asdict(config).items() if k not in _RESUMABLE_FIELDS}
+    shared = config.recorded_settings(exclude=_RESUMABLE_FIELDS)
     with lock_directory(root, "eval"):
         judge = None
         if config.judge_model:
@@ -285,19 +289,33 @@ def evaluate(config: EvalConfig, backends: dict[str, GenerationBackend] | None =
     return report
 
 
+# (header, row key, format): a column is shown when some row has its key.
+_COLUMNS = [
+    ("success", "correct", "{:.1%}"),
+    ("exact match", "exact_match", "{:.1%}"),
+    ("F1", "f1", "{:.3f}"),
+    ("reward", "reward", "{:.3f}"),
+    ("steps", "mean_steps", "{:.2f}"),
+    ("parse errors / ep", "parse_errors_per_episode", "{:.2f}"),
+    ("tool errors / ep", "tool_errors_per_episode", "{:.2f}"),
+    ("invalid actions / ep", "invalid_actions_per_episode", "{:.2f}"),
+    ("reasoning tokens / span", "reasoning_length", "{:.1f}"),
+    ("CoT match", "cot_match_rate", "{:.1%}"),
+    ("judge", "judge", "{:.1%}"),
+]
+
+
 def results_table(rows: list[dict[str, Any]]) -> str:
-    """A markdown comparison table, one row per model and setting."""
-    judged = any("judge" in row for row in rows)
-    header = ["model", "setting", "examples", "success", "exact match", "F1", "steps", "parse errors / ep",
-              "tool errors / ep", "s / episode"] + (["judge"] if judged else [])
+    """A markdown comparison table, one row per model and setting, with the columns some row has."""
+    environment = any("reward" in row for row in rows)
+    shown = [column for column in _COLUMNS if any(column[1] in row for row in rows)
+             and not (environment and column[1] == "tool_errors_per_episode")]
+    header = ["model", "setting", "examples"] + [title for title, _, _ in shown] + ["s / episode"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for row in rows:
-        cells = [row["model"], row["setting"], str(row["examples"]), f"{row['correct']:.1%}",
-                 f"{row['exact_match']:.1%}", f"{row['f1']:.3f}", f"{row['mean_steps']:.2f}",
-                 f"{row['parse_errors_per_episode']:.2f}", f"{row['tool_errors_per_episode']:.2f}",
-                 f"{row['this_run']['seconds_per_episode']:.2f}"]
-        if judged:
-            cells.append(f"{row.get('judge', float('nan')):.1%}")
+        cells = [row["model"], row["setting"], str(row["examples"])]
+        cells += [fmt.format(row[key]) if row.get(key) is not None else "-" for _, key, fmt in shown]
+        cells.append(f"{row['this_run']['seconds_per_episode']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -22,7 +22,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,9 @@ class GenerateConfig(AgentTaskConfig):
         super().__post_init__()
         if self.cot_max_new_tokens < 1:
             raise ValueError(f"cot_max_new_tokens must be >= 1, got {self.cot_max_new_tokens}")
+        if self.first_thought_prefix and self.environment is not None:
+            raise ValueError("first_thought_prefix asks for a chain-of-thought answer to a question; an environment's "
+                             "task is played, not answered: unset first_thought_prefix.")
 
 
 # ---------------------------------------------------------------------------------------------- building blocks
@@ -102,10 +105,16 @@ def first_thoughts(backend: GenerationBackend, tasks: list[Task], config: Genera
 
 
 def judge(episode: Episode, config: GenerateConfig) -> dict[str, Any]:
-    """Whether the episode solved its task and whether it is kept as training data."""
-    correct = episode.answered and answers_match(episode.final_answer, episode.task.answer, rel_tol=config.numeric_tolerance)
-    clean = episode.answered and episode.parse_errors == 0
-    return {"correct": bool(correct), "kept": bool(clean and correct) if config.keep_only_correct else episode.answered}
+    """Whether the episode solved its task (an environment's own verdict, else the answer against the gold one) and
+    whether it is kept as training data."""
+    if episode.success is not None:
+        correct = episode.success
+        finished = episode.stop_reason == "done"
+    else:
+        finished = episode.answered
+        correct = finished and answers_match(episode.final_answer, episode.task.answer, rel_tol=config.numeric_tolerance)
+    clean = finished and episode.parse_errors == 0
+    return {"correct": bool(correct), "kept": bool(clean and correct) if config.keep_only_correct else finished}
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -139,11 +148,14 @@ class _Outputs:
 
 def _trajectory_row(record: dict[str, Any]) -> dict[str, Any]:
     keys = ("task_id", "question", "answer", "final_answer", "messages", "steps", "first_thought")
-    return {key: record[key] for key in keys}
+    row = {key: record[key] for key in keys}
+    if "tools" in record:  # tool-calling episodes: the chat template renders the schemas in training too
+        row["tools"] = record["tools"]
+    return row
 
 
 def _settings(config: GenerateConfig) -> dict[str, Any]:
-    return {k: v for k, v in asdict(config).items() if k not in _RESUMABLE_FIELDS}
+    return config.recorded_settings(exclude=_RESUMABLE_FIELDS)
 
 
 def generate_trajectories(config: GenerateConfig, backend: GenerationBackend | None = None) -> dict[str, Any]:
@@ -220,6 +232,7 @@ def summarize(records: list[dict[str, Any]], *, tasks: int, seconds: float, new_
         "success_rate": sum(record["correct"] for record in records) / done if done else 0.0,
         "keep_rate": sum(record["kept"] for record in records) / done if done else 0.0,
         "mean_steps": sum(record["steps"] for record in records) / done if done else 0.0,
+        "invalid_actions": sum(record.get("invalid_actions", 0) for record in records),
         "parse_errors": sum(record["parse_errors"] for record in records),
         "tool_errors": sum(record["tool_errors"] for record in records),
         "stop_reasons": dict(sorted(stop_reasons.items())),

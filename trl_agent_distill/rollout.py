@@ -61,7 +61,7 @@ class AgentRollouts:
             if not replies:
                 skipped += 1
                 continue
-            rows.append({"messages": episode.messages})
+            rows.append({"messages": episode.messages, **({"tools": episode.tools} if episode.tools else {})})
         for error in errors:
             logger.warning("Rollout error (training goes on): %s", error)
         return RolloutBatch(rows, episodes=len(tasks), skipped_empty=skipped, errors=errors,

@@ -1,8 +1,10 @@
-"""What `generate` and `eval` share: the task dataset, the agent with its tools, and how models are run.
+"""What `generate` and `eval` share: the tasks, the agent with its tools, and how models are run.
 
 `AgentTaskConfig` holds those options (a teacher making data and a student being evaluated face the same tasks
-and tools); `load_tasks` reads and checks the tasks before any model loads; `build_agent` makes the CodeAct or
-ReAct agent with its search tool; `load_backend` turns a model reference into a generation backend.
+and tools). The tasks come from a dataset of questions (answered by a CodeAct or ReAct agent with its search tool)
+or from an interactive environment (`environment: alfworld | bfcl | webshop`, which brings its own tasks, format and
+step cap); `load_tasks` reads and checks them before any model loads; `build_agent` makes the agent;
+`load_backend` turns a model reference into a generation backend.
 """
 
 from __future__ import annotations
@@ -21,15 +23,18 @@ import yaml
 from transformers import BitsAndBytesConfig
 
 from .agent.backends import GenerationBackend, OpenAIBackend, SamplingParams, TransformersBackend
-from .agent.loop import Agent, CodeActAgent, ReActAgent, SelfConsistency, Task
+from .agent.loop import Agent, CodeActAgent, EnvironmentAgent, ReActAgent, SelfConsistency, Task
 from .agent.retrieval import RetrievalTool
 from .data import load_any_dataset
 from .deprecation import take_renamed_option
+from .envs.base import ENVIRONMENTS, EnvironmentSuite, load_environment
 from .quantization import check_4bit_layers_packable
 
 logger = logging.getLogger(__name__)
 
 AGENTS = ("codeact", "react")
+DEFAULT_AGENT_STEPS = 5  # question answering; an environment has its own cap
+DEFAULT_STEP_TIMEOUT = 60.0
 
 
 @dataclass
@@ -48,6 +53,21 @@ class AgentTaskConfig:
         default="id", metadata={"help": "Column with a unique task id; without it the row number is the id."}
     )
     max_tasks: int | None = field(default=None, metadata={"help": "Use only the first N tasks."})
+    environment: str | None = field(
+        default=None,
+        metadata={"help": "An interactive environment that brings its own tasks (split `dataset_split`), agent format "
+                  "and step cap instead of a dataset of questions.", "choices": sorted(ENVIRONMENTS)},
+    )
+    environment_options: dict | None = field(
+        default=None,
+        metadata={"help": "The environment's own options (e.g. ALFWorld's data_path or generated scene counts), as "
+                  "a mapping (JSON on the command line)."},
+    )
+    step_timeout: float | None = field(
+        default=None,
+        metadata={"help": f"Seconds one environment step may take before that episode is recorded as an error "
+                  f"(default {DEFAULT_STEP_TIMEOUT:g})."},
+    )
     # The agent
     agent: str = field(default="codeact", metadata={"help": "Agent format.", "choices": list(AGENTS)})
     retrieval_corpus: str | None = field(
@@ -57,7 +77,11 @@ class AgentTaskConfig:
     retriever: str = field(default="bm25", metadata={"help": "bm25 or dense.", "choices": ["bm25", "dense"]})
     dense_model: str | None = field(default=None, metadata={"help": "sentence-transformers model for dense."})
     retrieval_top_k: int = field(default=3, metadata={"help": "Documents per search."})
-    max_agent_steps: int = field(default=5, metadata={"help": "Agent steps before an episode ends unanswered."})
+    max_agent_steps: int | None = field(
+        default=None,
+        metadata={"help": f"Agent steps before an episode ends unanswered (default {DEFAULT_AGENT_STEPS}; in an "
+                  "environment, its own cap, e.g. ALFWorld's 50)."},
+    )
     max_steps: int | None = field(
         default=None, metadata={"help": "Deprecated name of max_agent_steps (`train`'s max_steps is optimizer steps)."}
     )
@@ -93,8 +117,18 @@ class AgentTaskConfig:
         if self.agent not in AGENTS:
             raise ValueError(f"agent must be one of {AGENTS}, got {self.agent!r}")
         for name in ("max_agent_steps", "max_new_tokens", "batch_size", "retrieval_top_k"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.step_timeout is not None and self.step_timeout <= 0:
+            raise ValueError(f"step_timeout must be > 0 seconds, got {self.step_timeout}")
+        if self.environment is not None:
+            if self.environment not in ENVIRONMENTS:
+                load_environment(self.environment)  # fails naming the closest environment
+            brought = [name for name in ("dataset_name", "retrieval_corpus", "task_variable") if getattr(self, name)]
+            if brought:
+                raise ValueError(f"environment {self.environment!r} brings its own tasks and tools: unset {brought}.")
+        elif self.environment_options:
+            raise ValueError("environment_options are set but no environment is: set `environment`.")
         if self.max_tasks is not None and self.max_tasks < 1:
             raise ValueError(f"max_tasks must be >= 1, got {self.max_tasks}")
         if self.task_variable is not None and self.agent != "codeact":
@@ -103,6 +137,25 @@ class AgentTaskConfig:
     @property
     def sampling(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens)
+
+    def suite(self) -> EnvironmentSuite | None:
+        """The environment's suite (made once per config: it may generate its tasks), None without one."""
+        if self.environment is None:
+            return None
+        key = (self.environment, repr(sorted((self.environment_options or {}).items())))
+        cached = getattr(self, "_suite", None)
+        if cached is None or cached[0] != key:
+            cached = (key, load_environment(self.environment, self.environment_options))
+            object.__setattr__(self, "_suite", cached)
+        return cached[1]
+
+    def recorded_settings(self, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The settings a run records to refuse resuming with others: the options minus `exclude`, with the step
+        cap of question answering written out (as earlier releases recorded it)."""
+        settings = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in exclude}
+        if "max_agent_steps" in settings and settings["max_agent_steps"] is None and self.environment is None:
+            settings["max_agent_steps"] = DEFAULT_AGENT_STEPS
+        return settings
 
 
 def read_task_recipe(path: str | os.PathLike, source: str = "task recipe") -> dict[str, Any]:
@@ -134,7 +187,12 @@ def task_config_from(settings: Mapping[str, Any], *, defaults: Mapping[str, Any]
 
 # ---------------------------------------------------------------------------------------------- tasks
 def load_tasks(config: AgentTaskConfig) -> list[Task]:
-    """The configured tasks, checked before any model loads: missing fields and duplicate ids name the culprit."""
+    """The configured tasks, checked before any model loads: missing fields and duplicate ids name the culprit; an
+    environment's tasks of `dataset_split` (a missing engine or data directory fails here too)."""
+    suite = config.suite()
+    if suite is not None:
+        tasks = suite.tasks(config.dataset_split)
+        return tasks[: config.max_tasks] if config.max_tasks is not None else tasks
     if not config.dataset_name:
         raise ValueError("No tasks: set `dataset_name` (a hub dataset or a local .jsonl file with questions).")
     loaded = load_any_dataset(config.dataset_name, config.dataset_config, local_split=config.dataset_split)
@@ -191,7 +249,14 @@ def cot_messages(question: str) -> list[dict[str, str]]:
 
 # ---------------------------------------------------------------------------------------------- agents and models
 def build_agent(config: AgentTaskConfig, self_consistency: SelfConsistency | Mapping[str, Any] | None = None) -> Agent:
-    """The configured agent with its search tool (`web_search` for CodeAct, `Search` for ReAct)."""
+    """The configured agent: in its environment, or with its search tool (`web_search` for CodeAct, `Search` for
+    ReAct)."""
+    suite = config.suite()
+    if suite is not None:
+        return EnvironmentAgent(suite, max_steps=config.max_agent_steps or suite.max_steps, sampling=config.sampling,
+                                step_timeout=config.step_timeout or DEFAULT_STEP_TIMEOUT,
+                                self_consistency=self_consistency)
+    max_steps = config.max_agent_steps or DEFAULT_AGENT_STEPS
     tools = {}
     if config.retrieval_corpus:
         name = "web_search" if config.agent == "codeact" else "Search"
@@ -200,10 +265,10 @@ def build_agent(config: AgentTaskConfig, self_consistency: SelfConsistency | Map
             dense_model=config.dense_model, name=name,
         )
     if config.agent == "codeact":
-        return CodeActAgent(tools, max_steps=config.max_agent_steps, sampling=config.sampling,
+        return CodeActAgent(tools, max_steps=max_steps, sampling=config.sampling,
                             sandbox_options={"timeout": config.sandbox_timeout}, self_consistency=self_consistency,
                             task_variable=config.task_variable)
-    return ReActAgent(tools, max_steps=config.max_agent_steps, sampling=config.sampling, self_consistency=self_consistency)
+    return ReActAgent(tools, max_steps=max_steps, sampling=config.sampling, self_consistency=self_consistency)
 
 
 def load_backend(model: str, config: AgentTaskConfig, *, base_url: str | None = None) -> GenerationBackend:
