@@ -138,3 +138,28 @@ def test_rollouts_act_in_the_environment(line_environment):
 def test_sampling_is_the_configured_one():
     agent = EnvironmentAgent(LineSuite(), sampling=SamplingParams(temperature=0.7))
     assert agent.sampling.temperature == 0.7 and agent.stop == ("\n",)
+
+
+@pytest.mark.slow
+def test_on_policy_training_plays_the_environment(line_environment, tmp_path, tiny_model_dir, toy_dataset):
+    from trl_agent_distill import AgentDistillConfig, AgentDistillTrainer
+
+    args = AgentDistillConfig(
+        output_dir=str(tmp_path / "run"), rollout={"environment": "line", "max_agent_steps": 2, "max_new_tokens": 8},
+        lmbda=1.0, segmentation_style="alfworld", max_steps=1, per_device_train_batch_size=2, logging_steps=1,
+        save_strategy="no", report_to="none", use_cpu=True, activation_checkpointing=False,
+    )
+    trainer = AgentDistillTrainer(model=str(tiny_model_dir("student")), teacher_model=str(tiny_model_dir("teacher")),
+                                  args=args, train_dataset=toy_dataset)
+    seen = []
+    original = trainer.compute_loss
+
+    def spy(model, inputs, *rest, **kwargs):
+        seen.append(trainer.processing_class.decode(inputs["input_ids"][0]))
+        return original(model, inputs, *rest, **kwargs)
+
+    trainer.compute_loss = spy
+    trainer.train()
+    assert len(seen) == 1 and "You are at 0. Walk to" in seen[0]  # an episode of the environment, not the dataset
+    (log,) = [entry for entry in trainer.state.log_history if "rollout_batches" in entry]
+    assert log["rollout_episodes"] == 2

@@ -14,6 +14,7 @@ from .collator import ON_MALFORMED
 from .envs.toy import ToyWorld
 from .losses import SPAN_NORMALIZATIONS
 from .segmentation import STYLES
+from .envs.base import ENVIRONMENTS
 from .tasks import AgentTaskConfig, read_task_recipe, task_config_from
 
 LOSS_IMPLEMENTATIONS = ("chunked", "logits")
@@ -153,7 +154,9 @@ class AgentDistillConfig(GKDConfig):
             "as for `generate` / `eval` (the options of `AgentTaskConfig`: dataset_name, retrieval_corpus, agent, "
             "task_variable, max_agent_steps, max_new_tokens, temperature ...) as a dict (JSON on the command line) "
             f"or the path of a YAML task recipe; a world ({list(WORLDS)}: `rollout: toy`, or `world: toy` among "
-            "the settings) brings its own tasks and tools, those of seed `seed`, written to output_dir. Rollouts "
+            "the settings) brings its own tasks and tools, those of seed `seed`, written to output_dir; so does an "
+            f"interactive environment ({sorted(ENVIRONMENTS)}: `rollout: alfworld`, or `environment: alfworld` with "
+            "`environment_options` among the settings). Rollouts "
             f"default to {ROLLOUT_DEFAULTS}."
         },
     )
@@ -206,6 +209,8 @@ class AgentDistillConfig(GKDConfig):
         """`rollout` as a mapping of task options (a YAML recipe read, a world's name as `{"world": name}`)."""
         if isinstance(self.rollout, str) and self.rollout in WORLDS:
             return {"world": self.rollout}
+        if isinstance(self.rollout, str) and self.rollout in ENVIRONMENTS:
+            return {"environment": self.rollout}
         if isinstance(self.rollout, str):
             if not self.rollout.endswith((".yaml", ".yml")):
                 raise ValueError(
@@ -236,9 +241,9 @@ class AgentDistillConfig(GKDConfig):
                 raise ValueError(f"rollout: unknown world {world!r}; the worlds are {list(WORLDS)}.")
             settings = {**ToyWorld.task_settings(self.rollout_world_dir), **settings}
         config = task_config_from(settings, defaults={**ROLLOUT_DEFAULTS, "seed": self.seed}, source="rollout")
-        if not config.dataset_name:
-            raise ValueError("rollout needs `dataset_name` (the tasks, question and answer, the student acts on) or "
-                             f"a `world` ({list(WORLDS)}).")
+        if not config.dataset_name and config.environment is None:
+            raise ValueError("rollout needs `dataset_name` (the tasks, question and answer, the student acts on), "
+                             f"a `world` ({list(WORLDS)}) or an `environment` ({sorted(ENVIRONMENTS)}).")
         return config
 
     @property
