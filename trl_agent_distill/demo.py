@@ -100,7 +100,15 @@ class DemoConfig:
         metadata={"help": "Stages to run, in pipeline order.", "choices": list(STAGES)},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the world, the models and the training runs."})
-    # The world
+    # The world: the toy world's towns, or an interactive environment
+    environment: str | None = field(
+        default=None,
+        metadata={"help": "Run the pipeline in an interactive environment (e.g. alfworld: generated scenes, the "
+                  "engine's planner as the oracle) instead of the toy world; no CoT student there."},
+    )
+    environment_options: dict | None = field(
+        default=None, metadata={"help": "The environment's options (e.g. ALFWorld's scene counts and seed)."}
+    )
     num_towns: int = field(default=240, metadata={"help": "Towns in the corpus (a quarter are test towns)."})
     train_tasks: int = field(default=400, metadata={"help": "Training tasks (oracle trajectories for the teacher)."})
     test_tasks: int = field(default=50, metadata={"help": "Test tasks, about towns never seen in training."})
@@ -143,9 +151,15 @@ class DemoConfig:
         for name in self.students:
             if name not in STUDENT_METHODS:
                 raise ValueError(f"students: unknown method {name!r}; choose among {list(STUDENT_METHODS)}.")
-        for name in ("train_tasks", "test_tasks", "teacher_steps", "student_steps", "generate_tasks", "max_agent_steps"):
+        for name in ("num_towns", "train_tasks", "test_tasks", "teacher_steps", "student_steps", "generate_tasks",
+                     "max_agent_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.environment is not None:
+            untaught = [name for name in self.students if STUDENT_METHODS[name].data == "cot"]
+            if untaught:
+                raise ValueError(f"students {untaught} learn chain-of-thought answers to questions, which an "
+                                 f"environment ({self.environment}) does not have: leave them out.")
         if self.self_consistency == 1 or self.self_consistency < 0:
             raise ValueError(f"self_consistency is 0 (off) or N >= 2 candidates, got {self.self_consistency}")
 
@@ -156,7 +170,7 @@ class DemoConfig:
 
     def path(self, name: str) -> Path:
         return self.root / {
-            "world": "world", "oracle": "oracle", "cot_data": "world/cot_train.jsonl",
+            "world": "world", "oracle": "oracle", "oracle_test": "oracle_test", "cot_data": "world/cot_train.jsonl",
             "teacher_data": "models/teacher_sft.jsonl", "teacher_init": "models/teacher_init",
             "student_init": "models/student_init", "teacher": "models/teacher", "trajectories": "teacher_trajectories",
             "students": "students", "eval": "eval",
@@ -165,8 +179,12 @@ class DemoConfig:
 
 # ---------------------------------------------------------------------------------------------- the stages
 def build_world(config: DemoConfig) -> dict[str, Any]:
-    """Write the world (corpus, tasks), the oracle's trajectories and its CoT answers on the training tasks."""
-    _clear(config.path("world"), config.path("oracle"))
+    """Write the world (corpus, tasks), the oracle's trajectories and its CoT answers on the training tasks; in an
+    environment, its tasks and its expert's episodes (on the held-out test tasks too, the reference of the CoT
+    match rate)."""
+    _clear(config.path("world"), config.path("oracle"), config.path("oracle_test"))
+    if config.environment is not None:
+        return _build_environment_world(config)
     world = ToyWorld.generate(config.seed, num_towns=config.num_towns, train_tasks=config.train_tasks,
                               test_tasks=config.test_tasks)
     world.save(config.path("world"))
@@ -184,6 +202,25 @@ def build_world(config: DemoConfig) -> dict[str, Any]:
     return {"towns": len(world.towns), "oracle_solved": summary["correct"], "oracle_episodes": summary["episodes"]}
 
 
+def _build_environment_world(config: DemoConfig) -> dict[str, Any]:
+    probe = _agent_task_config(config, GenerateConfig, dataset_split="train", model_name_or_path="expert",
+                               output_dir=str(config.path("oracle")))
+    expert = probe.suite().expert()
+    if expert is None:
+        raise ValueError(f"environment {config.environment!r} has no expert to make the teacher's data.")
+    facts = {}
+    for split, output in (("train", "oracle"), ("test", "oracle_test")):
+        summary = generate_trajectories(
+            _agent_task_config(config, GenerateConfig, dataset_split=split, model_name_or_path="expert",
+                               output_dir=str(config.path(output))),
+            backend=PolicyBackend(expert),
+        )
+        facts[f"expert_solved_{split}"] = f"{summary['correct']}/{summary['episodes']}"
+    config.path("world").mkdir(parents=True)
+    write_jsonl(config.path("cot_data"), [])  # no chain-of-thought answers in an environment
+    return facts
+
+
 def build_teacher(config: DemoConfig) -> dict[str, Any]:
     """Train the tokenizer, write both initial models, and make the teacher by SFT on the oracle's data."""
     _need(config.path("cot_data"), "world")
@@ -192,7 +229,8 @@ def build_teacher(config: DemoConfig) -> dict[str, Any]:
     cot_rows = read_jsonl(config.path("cot_data"))[: config.teacher_cot_answers]
     rows = [{"messages": row["messages"]} for row in agent_rows + cot_rows]
     write_jsonl(config.path("teacher_data"), rows)
-    corpus = read_jsonl(config.path("world") / "corpus.jsonl")
+    corpus_path = config.path("world") / "corpus.jsonl"
+    corpus = read_jsonl(corpus_path) if corpus_path.is_file() else []  # an environment has no corpus
     texts = [doc["text"] for doc in corpus] + [message["content"] for row in rows for message in row["messages"]]
     tokenizer = train_tokenizer(texts, vocab_size=config.vocab_size)
     sizes = {}
@@ -216,8 +254,9 @@ def generate_data(config: DemoConfig) -> dict[str, Any]:
     _clear(config.path("trajectories"))
     summary = generate_trajectories(_agent_task_config(
         config, GenerateConfig, dataset_split="train",
-        max_tasks=config.generate_tasks, model_name_or_path=str(config.path("teacher")), first_thought_prefix=True,
-        cot_max_new_tokens=48, output_dir=str(config.path("trajectories")),
+        max_tasks=config.generate_tasks, model_name_or_path=str(config.path("teacher")),
+        first_thought_prefix=config.environment is None, cot_max_new_tokens=48,
+        output_dir=str(config.path("trajectories")),
     ))
     if summary["kept"] == 0:
         raise RuntimeError(
@@ -239,6 +278,8 @@ def distill_students(config: DemoConfig) -> dict[str, Any]:
         output = config.path("students") / name
         _clear(output)
         options = dict(method.options)
+        if options.get("segmentation_style") not in (None, "none"):  # SAD's spans, as the agents' format draws them
+            options["segmentation_style"] = _segmentation_style(config)
         if options.get("lmbda", 0) > 0:  # the student acts on the training tasks, as the teacher did
             options.update(rollout=_agent_settings(config, "train"), on_policy_start_step=config.student_steps // 2)
         started = time.monotonic()
@@ -261,7 +302,8 @@ def evaluate_models(config: DemoConfig) -> dict[str, Any]:
     answerers = [teacher] + [ref for name, ref in students.items() if STUDENT_METHODS[name].mode == "cot"]
     runs, tasks = [], 0
     agent_settings = [0, config.self_consistency] if config.self_consistency else [0]
-    for mode, models in (("agent", agents), ("cot", answerers)):
+    modes = (("agent", agents),) if config.environment else (("agent", agents), ("cot", answerers))
+    for mode, models in modes:
         result = evaluate(_agent_task_config(
             config, EvalConfig, models=models, modes=[mode], self_consistency=agent_settings,
             dataset_split="test", cot_max_new_tokens=128,
@@ -269,7 +311,8 @@ def evaluate_models(config: DemoConfig) -> dict[str, Any]:
         ))
         runs += result["runs"]
         tasks = result["tasks"]
-    evaluation = {"tasks": tasks, "dataset": "the toy world's test split", "runs": runs}
+    where = f"{config.environment}'s test split" if config.environment else "the toy world's test split"
+    evaluation = {"tasks": tasks, "dataset": where, "runs": runs}
     (config.path("eval") / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
     return {"runs": len(runs)}
 
@@ -315,9 +358,23 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- helpers
 def _agent_settings(config: DemoConfig, split: str) -> dict[str, Any]:
-    """How every agent of the demo acts: in the world's way (`ToyWorld.task_settings`), with the demo's limits."""
-    return {**ToyWorld.task_settings(config.path("world"), split), "max_agent_steps": config.max_agent_steps,
-            "max_new_tokens": config.max_new_tokens}
+    """How every agent of the demo acts: in the world's way (`ToyWorld.task_settings`) or in the environment, with
+    the demo's limits."""
+    if config.environment is not None:
+        where = {"environment": config.environment, "environment_options": config.environment_options,
+                 "dataset_split": split}
+    else:
+        where = ToyWorld.task_settings(config.path("world"), split)
+    return {**where, "max_agent_steps": config.max_agent_steps, "max_new_tokens": config.max_new_tokens}
+
+
+def _segmentation_style(config: DemoConfig) -> str:
+    """The format SAD segments the agents' turns by: CodeAct in the toy world, the environment's own format."""
+    if config.environment is None:
+        return "codeact"
+    from .envs.base import load_environment
+
+    return load_environment(config.environment, config.environment_options).format.name
 
 
 def _agent_task_config(config: DemoConfig, config_class: type[GenerateConfig | EvalConfig], **options: Any):
@@ -349,14 +406,21 @@ def _train(config: DemoConfig, *, model: Path, data: Path, output: Path, steps: 
 def _notes(config: DemoConfig, timings: dict[str, float]) -> str:
     methods = "\n".join(f"- `{name}`: {STUDENT_METHODS[name].description}" for name in config.students)
     timing = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in timings.items() if stage != "report")
+    if config.environment is None:
+        oracle, extra = "the oracle's trajectories and CoT answers", " (CoT student: the CoT answers of the training tasks)"
+        settings = "`cot` rows answer without tools. "
+    else:
+        oracle, extra = f"the expert's episodes in {config.environment}", ""
+        settings = (f"Episodes of at most {config.max_agent_steps} steps; success is the environment's verdict on "
+                    "test tasks no model was trained on. ")
     return (
         f"Teacher: Qwen2 architecture, hidden {config.teacher_hidden_size} x {config.teacher_layers} layers, "
-        f"{config.teacher_steps} SFT steps on the oracle's trajectories and CoT answers. Students: hidden "
+        f"{config.teacher_steps} SFT steps on {oracle}. Students: hidden "
         f"{config.student_hidden_size} x {config.student_layers} layers, {config.student_steps} steps each from the "
-        f"same initial weights, on the teacher's correct trajectories from {config.generate_tasks} training tasks "
-        f"(CoT student: the CoT answers of the training tasks).\n\n{methods}\n\n"
-        f"Agent settings: greedy and self-consistency with {config.self_consistency} candidates per step; `cot` rows "
-        f"answer without tools. Stage times: {timing}."
+        f"same initial weights, on the teacher's correct trajectories from {config.generate_tasks} training tasks"
+        f"{extra}.\n\n{methods}\n\n"
+        f"Agent settings: greedy and self-consistency with {config.self_consistency} candidates per step. {settings}"
+        f"Stage times: {timing}."
     )
 
 
