@@ -57,8 +57,9 @@ class WebShopOptions:
         "help": "WebShop's text observation: 'text' (page texts joined by ' [SEP] ') or 'text_rich' (one line per "
                 "text, buttons marked '[button] ... [button_]')."})
     product_file: str | None = field(default=None, metadata={
-        "help": "The products JSON; None: the checkout's default (data/items_shuffle_1000.json, which "
-                "setup.sh -d small downloads; -d all brings data/items_shuffle.json)."})
+        "help": "The products JSON; None: the checkout's DEFAULT_FILE_PATH (web_agent_site/utils.py; WebShop ships "
+                "data/items_shuffle_1000.json there). WebShop reads the products' attributes from its "
+                "DEFAULT_ATTR_PATH whatever this says: for all products switch both paths there, as its README says."})
     num_products: int | None = field(default=None, metadata={
         "help": "Load the first N products of the file and search WebShop's index of that size: 100, 1000, 100000, "
                 "or None for all products and the full index."})
@@ -127,8 +128,9 @@ class WebShopSuite(EnvironmentSuite):
         if end > len(goals):
             raise ValueError(
                 f"WebShop split {split!r} is goals {first}-{end - 1}, but the products loaded give {len(goals)} goals: "
-                "load all products (product_file data/items_shuffle.json from setup.sh -d all, num_products null) or "
-                "set environment_options.goal_splits.")
+                "load all products (setup.sh -d all, then DEFAULT_FILE_PATH and DEFAULT_ATTR_PATH in the checkout's "
+                "web_agent_site/utils.py switched to the full files, num_products null) or set "
+                "environment_options.goal_splits.")
         return [Task(task_id=f"fixed_{index}", question=goals[index]["instruction_text"], setup=index)
                 for index in range(first, end)]
 
