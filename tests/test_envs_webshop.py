@@ -106,8 +106,10 @@ def test_tasks_are_goals_of_the_split_and_products_load_once():
 def test_unknown_or_too_large_splits_fail_saying_what_to_do():
     with pytest.raises(ValueError, match=r"Unknown WebShop split 'dev'; the splits are \['test', 'train'\]"):
         standin_suite().tasks("dev")
-    with pytest.raises(ValueError, match="split 'test' is goals 0-499, but the products loaded give 4 goals"):
+    with pytest.raises(ValueError, match="split 'test' is goals 0 to 499, but the products loaded give 4 goals"):
         load_environment("webshop", {"webshop_path": str(STANDIN)}).tasks("test")  # the papers' splits
+    with pytest.raises(ValueError, match="split 'train' is goals 1500 to the last, but the products loaded give 4"):
+        load_environment("webshop", {"webshop_path": str(STANDIN)}).tasks("train")
 
 
 # ---------------------------------------------------------------------------------------------- environment

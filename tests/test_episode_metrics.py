@@ -126,11 +126,11 @@ def test_without_an_action_key_actions_compare_with_whitespace_collapsed():
 def test_bad_references_are_named():
     with pytest.raises(ValueError, match="at least one reference episode"):
         cot_match_rate(PolicyBackend(lambda request: ""), WEBSHOP, [])
-    with pytest.raises(ValueError, match="record 1 has no 'messages' list"):
+    with pytest.raises(ValueError, match="row 1 has no 'messages' list"):
         cot_match_rate(PolicyBackend(lambda request: ""), WEBSHOP, [TEACHER[0], {"steps": 3}])
     calls = dict(TEACHER[0], messages=[*TEACHER[0]["messages"][:2],
                                        {"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}])
-    with pytest.raises(ValueError, match="record 0, message 2: the teacher's action is in `tool_calls`"):
+    with pytest.raises(ValueError, match="row 0, message 2: the teacher's action is in `tool_calls`"):
         cot_match_rate(PolicyBackend(lambda request: ""), WEBSHOP, [calls])
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         cot_match_rate(PolicyBackend(lambda request: ""), WEBSHOP, TEACHER, batch_size=0)
@@ -159,8 +159,10 @@ def test_reasoning_length_reads_thought_lines_reasoning_fields_and_skips_unparse
 def test_reasoning_length_names_the_record_that_does_not_segment():
     broken = record("g", ["Action: search[red mug]"])
     broken["messages"].append({"role": "narrator", "content": "meanwhile"})
-    with pytest.raises(ValueError, match="record 1: "):
+    with pytest.raises(ValueError, match="row 1, message 4: .*narrator"):
         reasoning_lengths([TEACHER[0], broken])
+    never_started = dict(TEACHER[0], messages=TEACHER[0]["messages"][:2])  # no assistant turn: nothing to count
+    assert reasoning_lengths([never_started, TEACHER[1]]) == reasoning_lengths(TEACHER[1:])
 
 
 # ---------------------------------------------------------------------------------------------- per episode
@@ -176,7 +178,7 @@ def test_success_steps_and_invalid_actions_per_episode():
 def test_per_episode_metrics_name_the_bad_record():
     with pytest.raises(ValueError, match="no episodes"):
         success_rate([])
-    with pytest.raises(ValueError, match="record 1 has no 'success'"):
+    with pytest.raises(ValueError, match="row 1 has no 'success'"):
         success_rate([TEACHER[0], {"messages": []}])
-    with pytest.raises(ValueError, match="record 0: 'steps' must be a number, got '3'"):
+    with pytest.raises(ValueError, match="row 0: 'steps' must be a number, got '3'"):
         steps_per_episode([dict(TEACHER[0], steps="3")])

@@ -2,8 +2,8 @@
 reasoning length and the CoT match rate.
 
 Pure functions over episodes as `Episode.to_record()` writes them (`messages`, `steps`, `success`,
-`invalid_actions`, `tools` ...), as read back from a `generate` or `eval` output file. Every function says which
-record and field is wrong when a record does not hold what it needs.
+`invalid_actions`, `tools` ...), as read back from a `generate` or `eval` output file (one row per episode). Every
+function names the row and field that is wrong when a row does not hold what it needs.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 from .agent.backends import GenerationBackend, GenerationRequest, SamplingParams
 from .formats import AgentFormat, EnvironmentFormat, ParseError
-from .segmentation import reasoning_field, segment_messages
+from .segmentation import TrajectoryFormatError, reasoning_field, segment_messages
 
 
 # ---------------------------------------------------------------------------------------------- per episode
@@ -57,10 +57,12 @@ def reasoning_lengths(records: Sequence[Mapping[str, Any]], tokenizer: Any = Non
     spans = []
     for row, record in enumerate(records):
         messages = _messages(record, row)
+        if not any(message.get("role") == "assistant" for message in messages):
+            continue  # an episode whose environment never started: nothing was written
         try:
             segmented = segment_messages(messages, style=style, unparsed_as="act")
-        except ValueError as error:  # a TrajectoryFormatError (it names the message) or a malformed conversation
-            raise ValueError(f"record {row}: {error}") from None
+        except TrajectoryFormatError as error:
+            raise error.with_row(row) from None
         for message, message_spans in zip(messages, segmented):
             if message["role"] != "assistant":
                 continue
@@ -152,7 +154,7 @@ def cot_match_rate(backend: GenerationBackend, agent_format: AgentFormat,
             if message.get("role") != "assistant":
                 continue
             if message.get("tool_calls"):
-                raise ValueError(f"record {row}, message {index}: the teacher's action is in `tool_calls`; "
+                raise ValueError(f"row {row}, message {index}: the teacher's action is in `tool_calls`; "
                                  "cot_match_rate reads actions from the text of assistant messages.")
             parsed = agent_format.parse(message.get("content") or "")
             if isinstance(parsed, ParseError):
@@ -203,7 +205,7 @@ def _field(records: Sequence[Mapping[str, Any]], name: str) -> list[Any]:
     values = []
     for row, record in enumerate(records):
         if not isinstance(record, Mapping) or name not in record:
-            raise ValueError(f"record {row} has no '{name}': pass episodes as Episode.to_record() writes them.")
+            raise ValueError(f"row {row} has no '{name}': pass episodes as Episode.to_record() writes them.")
         values.append(record[name])
     return values
 
@@ -211,13 +213,13 @@ def _field(records: Sequence[Mapping[str, Any]], name: str) -> list[Any]:
 def _mean(values: list[Any], name: str) -> float:
     for row, value in enumerate(values):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"record {row}: '{name}' must be a number, got {value!r}.")
+            raise ValueError(f"row {row}: '{name}' must be a number, got {value!r}.")
     return sum(values) / len(values)
 
 
 def _messages(record: Mapping[str, Any], row: int) -> list[dict[str, Any]]:
     messages = record.get("messages") if isinstance(record, Mapping) else None
     if not isinstance(messages, list) or not all(isinstance(message, Mapping) for message in messages):
-        raise ValueError(f"record {row} has no 'messages' list of chat messages: pass episodes as "
+        raise ValueError(f"row {row} has no 'messages' list of chat messages: pass episodes as "
                          "Episode.to_record() writes them.")
     return messages

@@ -124,15 +124,15 @@ class WebShopSuite(EnvironmentSuite):
                              "(environment_options.goal_splits).")
         goals = self._engine().goals
         first, end = self.options.goal_splits[split]
-        end = len(goals) if end is None else end
-        if end > len(goals):
+        if first >= len(goals) or (end or 0) > len(goals):
+            last = "the last" if end is None else end - 1
             raise ValueError(
-                f"WebShop split {split!r} is goals {first}-{end - 1}, but the products loaded give {len(goals)} goals: "
+                f"WebShop split {split!r} is goals {first} to {last}, but the products loaded give {len(goals)} goals: "
                 "load all products (setup.sh -d all, then DEFAULT_FILE_PATH and DEFAULT_ATTR_PATH in the checkout's "
                 "web_agent_site/utils.py switched to the full files, num_products null) or set "
                 "environment_options.goal_splits.")
         return [Task(task_id=f"fixed_{index}", question=goals[index]["instruction_text"], setup=index)
-                for index in range(first, end)]
+                for index in range(first, len(goals) if end is None else end)]
 
     def make(self) -> WebShopEnvironment:
         server = self._engine()
