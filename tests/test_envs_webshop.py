@@ -159,6 +159,11 @@ def test_a_search_needs_the_search_box():
     assert environment.step(WebAction("click", "Back to Search")).info["has_search_bar"]
 
 
+def test_a_task_without_a_goal_index_is_refused():
+    with pytest.raises(ValueError, match="Task 'q1' has no WebShop goal index as its setup .*WebShopSuite.tasks"):
+        standin_suite().make().reset(Task("q1", "buy a mug"))
+
+
 def test_episodes_of_one_goal_have_their_own_sessions():
     suite = standin_suite()
     one, two = suite.make(), suite.make()

@@ -162,8 +162,11 @@ class WebShopEnvironment(Environment):
 
     def reset(self, task: Task) -> Transition:
         """Open a session of goal `task.setup`; the observation is the shop's first page, the instruction on it."""
+        if isinstance(task.setup, bool) or not isinstance(task.setup, int):
+            raise ValueError(f"Task {task.task_id!r} has no WebShop goal index as its setup (got {task.setup!r}): "
+                             "take the tasks from WebShopSuite.tasks(split).")
         with self._lock:
-            observation, _ = self.text_env.reset(session=int(task.setup))
+            observation, _ = self.text_env.reset(session=task.setup)
             return Transition(observation, info=self._info())
 
     def step(self, action: WebAction) -> Transition:
