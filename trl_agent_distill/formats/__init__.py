@@ -9,6 +9,7 @@ from .alfworld import ALFWorldFormat
 from .base import AgentFormat, EnvironmentFormat, ParsedReply, ParseError, TrajectoryFormat, describe_tool, load_prompts
 from .codeact import END_CODE, CodeActFormat, CodeAction, render_execution
 from .react import FINISH, ReActFormat, ToolCall, ToolError
+from .webshop import WebAction, WebShopFormat
 
 __all__ = [
     "END_CODE",
@@ -24,6 +25,8 @@ __all__ = [
     "ToolCall",
     "ToolError",
     "TrajectoryFormat",
+    "WebAction",
+    "WebShopFormat",
     "describe_tool",
     "load_prompts",
     "render_execution",
