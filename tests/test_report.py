@@ -48,3 +48,24 @@ def test_log_history_is_read_from_a_training_run(tmp_path):
     assert load_log_history(tmp_path) == HISTORIES["sad"]
     with pytest.raises(FileNotFoundError, match="trainer_state.json does not exist"):
         load_log_history(tmp_path / "missing")
+
+
+def test_students_of_several_seeds_get_a_mean_and_a_95_percent_interval(tmp_path):
+    values = {"sad-seed0": 0.5, "sad-seed1": 0.7, "sad-seed2": 0.6, "sft-seed0": 0.4}
+    runs = [{"model": label, "setting": "agent-greedy", "examples": 10, "correct": value, "mean_steps": 3.0,
+             "this_run": {"seconds_per_episode": 0.1}} for label, value in values.items()]
+    methods = {label: label.split("-")[0] for label in values}
+    report = write_report(tmp_path, {"tasks": 10, "dataset": "d", "runs": runs, "methods": methods}, {})
+    sad, sft = report["over_seeds"]
+    assert sad["seeds"] == 3 and sad["mean"] == pytest.approx(0.6) and sad["std"] == pytest.approx(0.1)
+    # t(0.975, 2 degrees of freedom) = 4.3027: the half-width is 4.3027 * 0.1 / sqrt(3)
+    assert sad["interval"] == pytest.approx([0.6 - 0.248418, 0.6 + 0.248418], abs=1e-5)
+    assert sft["seeds"] == 1 and sft["interval"] is None  # one run is one run
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| sad | agent-greedy | 3 | 60.0% | [35.2%, 84.8%] | 50.0%, 70.0%, 60.0% |" in markdown
+    assert "| sft | agent-greedy | 1 | 40.0% | - | 40.0% |" in markdown
+
+
+def test_a_run_of_one_seed_per_method_has_no_seed_table(tmp_path):
+    write_report(tmp_path, {**EVALUATION, "methods": {"sad": "sad"}}, HISTORIES)
+    assert "95% Student-t" not in (tmp_path / "report.md").read_text()

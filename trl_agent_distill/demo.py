@@ -112,7 +112,17 @@ class DemoConfig:
     num_towns: int = field(default=240, metadata={"help": "Towns in the corpus (a quarter are test towns)."})
     train_tasks: int = field(default=400, metadata={"help": "Training tasks (oracle trajectories for the teacher)."})
     test_tasks: int = field(default=50, metadata={"help": "Test tasks, about towns never seen in training."})
-    # The models
+    # The models: tiny ones built from configs, or a real pretrained teacher and students pruned from it
+    teacher_model: str | None = field(
+        default=None,
+        metadata={"help": "A pretrained model to fine-tune into the teacher (hub name, directory, GGUF file or "
+                  "`package:file.gguf`) instead of a tiny model built from a config; its tokenizer is used."},
+    )
+    student_keep_fraction: float | None = field(
+        default=None,
+        metadata={"help": "With teacher_model: students are that model with this fraction of its layers kept "
+                  "(`init-student`), instead of tiny models built from a config."},
+    )
     vocab_size: int = field(default=1024, metadata={"help": "Size of the BPE tokenizer trained on the world."})
     teacher_hidden_size: int = field(default=128, metadata={"help": "Teacher width (Qwen2 architecture)."})
     teacher_layers: int = field(default=4, metadata={"help": "Teacher depth."})
@@ -130,6 +140,12 @@ class DemoConfig:
         metadata={"help": "Distillation methods, one student each.", "choices": list(STUDENT_METHODS)},
     )
     student_steps: int = field(default=300, metadata={"help": "Optimizer steps of every student."})
+    student_seeds: list[int] = field(
+        default_factory=list,
+        metadata={"help": "One student per method and seed (re-initialized, data re-shuffled); the report gives each "
+                  "method's mean success and its 95% interval over the seeds. Empty: one student per method, `seed`."},
+    )
+    max_length: int = field(default=1024, metadata={"help": "Tokens per training sequence (longer ones are cut)."})
     per_device_train_batch_size: int = field(default=4, metadata={"help": "Trajectories per step."})
     learning_rate: float = field(default=3e-3, metadata={"help": "Peak learning rate of every run."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule of every run."})
@@ -160,6 +176,13 @@ class DemoConfig:
             if untaught:
                 raise ValueError(f"students {untaught} learn chain-of-thought answers to questions, which an "
                                  f"environment ({self.environment}) does not have: leave them out.")
+        if self.student_keep_fraction is not None:
+            if self.teacher_model is None:
+                raise ValueError("student_keep_fraction prunes the layers of teacher_model: set teacher_model.")
+            if not 0 < self.student_keep_fraction <= 1:
+                raise ValueError(f"student_keep_fraction must be in (0, 1], got {self.student_keep_fraction}")
+        if len(set(self.student_seeds)) != len(self.student_seeds):
+            raise ValueError(f"student_seeds has repeats: {self.student_seeds}")
         if self.self_consistency == 1 or self.self_consistency < 0:
             raise ValueError(f"self_consistency is 0 (off) or N >= 2 candidates, got {self.self_consistency}")
 
@@ -167,6 +190,23 @@ class DemoConfig:
     @property
     def root(self) -> Path:
         return Path(self.output_dir)
+
+    @property
+    def seeds(self) -> list[int | None]:
+        """The students' seeds; None is the single student of `seed`."""
+        return list(self.student_seeds) or [None]
+
+    def student_label(self, method: str, seed: int | None) -> str:
+        return method if seed is None else f"{method}-seed{seed}"
+
+    def student_path(self, method: str, seed: int | None) -> Path:
+        return self.path("students") / self.student_label(method, seed)
+
+    def student_init_path(self, seed: int | None) -> Path:
+        """Pruned students all start from the same weights; tiny students are re-initialized per seed."""
+        if seed is None or self.student_keep_fraction is not None:
+            return self.path("student_init")
+        return self.path("student_init").with_name(f"student_init-seed{seed}")
 
     def path(self, name: str) -> Path:
         return self.root / {
@@ -222,29 +262,62 @@ def _build_environment_world(config: DemoConfig) -> dict[str, Any]:
 
 
 def build_teacher(config: DemoConfig) -> dict[str, Any]:
-    """Train the tokenizer, write both initial models, and make the teacher by SFT on the oracle's data."""
+    """Write the initial models (a tokenizer trained on the world and tiny models, or the pretrained teacher_model and
+    students pruned from it) and make the teacher by SFT on the oracle's data."""
     _need(config.path("cot_data"), "world")
-    _clear(config.path("teacher_init"), config.path("student_init"), config.path("teacher"))
+    _clear(config.path("teacher_init"), config.path("teacher"), *{config.student_init_path(s) for s in config.seeds})
     agent_rows = read_jsonl(config.path("oracle") / "trajectories.jsonl")
     cot_rows = read_jsonl(config.path("cot_data"))[: config.teacher_cot_answers]
     rows = [{"messages": row["messages"]} for row in agent_rows + cot_rows]
     write_jsonl(config.path("teacher_data"), rows)
+    sizes = _pretrained_models(config) if config.teacher_model else _tiny_models(config, rows)
+    _train(config, model=config.path("teacher_init"), data=config.path("teacher_data"),
+           output=config.path("teacher"), steps=config.teacher_steps, options=SFT_OPTIONS)
+    return sizes
+
+
+def _tiny_models(config: DemoConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
     corpus_path = config.path("world") / "corpus.jsonl"
     corpus = read_jsonl(corpus_path) if corpus_path.is_file() else []  # an environment has no corpus
     texts = [doc["text"] for doc in corpus] + [message["content"] for row in rows for message in row["messages"]]
     tokenizer = train_tokenizer(texts, vocab_size=config.vocab_size)
+    models = [("teacher_init", config.path("teacher_init"), config.teacher_hidden_size, config.teacher_layers,
+               config.seed)]
+    models += [("student_init", config.student_init_path(seed), config.student_hidden_size, config.student_layers,
+                config.seed + 1 + (seed or 0)) for seed in config.seeds]
     sizes = {}
-    for name, hidden, layers, seed in (
-        ("teacher_init", config.teacher_hidden_size, config.teacher_layers, config.seed),
-        ("student_init", config.student_hidden_size, config.student_layers, config.seed + 1),
-    ):
+    for name, path, hidden, layers, seed in models:
         model = build_tiny_model(tokenizer, family="qwen2", hidden_size=hidden, num_layers=layers,
                                  num_heads=max(1, hidden // 32), seed=seed)
-        model.save_pretrained(config.path(name))
-        tokenizer.save_pretrained(config.path(name))
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
         sizes[name.removesuffix("_init") + "_parameters"] = model.num_parameters()
-    _train(config, model=config.path("teacher_init"), data=config.path("teacher_data"),
-           output=config.path("teacher"), steps=config.teacher_steps, options=SFT_OPTIONS)
+    return sizes
+
+
+def _pretrained_models(config: DemoConfig) -> dict[str, Any]:
+    """The teacher_model as a directory, and the students: its layers pruned, or tiny models with its tokenizer."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .model_refs import resolve_model
+    from .student_init import init_student
+
+    source = Path(resolve_model(config.teacher_model))
+    shutil.copytree(source, config.path("teacher_init"))
+    sizes = {"teacher_layers": AutoConfig.from_pretrained(source).num_hidden_layers}
+    if config.student_keep_fraction is not None:
+        student = init_student(source, config.path("student_init"), fraction=config.student_keep_fraction)
+        sizes["student_layers"] = student.config.num_hidden_layers
+        sizes["student_parameters"] = student.num_parameters()
+        return sizes
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    for seed in config.seeds:
+        model = build_tiny_model(tokenizer, family="qwen2", hidden_size=config.student_hidden_size,
+                                 num_layers=config.student_layers, num_heads=max(1, config.student_hidden_size // 32),
+                                 seed=config.seed + 1 + (seed or 0))
+        model.save_pretrained(config.student_init_path(seed))
+        tokenizer.save_pretrained(config.student_init_path(seed))
+        sizes["student_parameters"] = model.num_parameters()
     return sizes
 
 
@@ -267,39 +340,44 @@ def generate_data(config: DemoConfig) -> dict[str, Any]:
 
 
 def distill_students(config: DemoConfig) -> dict[str, Any]:
-    """One student per method, from the same initial weights, for the same number of steps."""
+    """One student per method (and seed), from the same initial weights, for the same number of steps."""
     data = {"trajectories": config.path("trajectories") / "trajectories.jsonl", "cot": config.path("cot_data")}
-    _need(config.path("student_init") / "config.json", "teacher")
+    for seed in config.seeds:
+        _need(config.student_init_path(seed) / "config.json", "teacher")
     if any(STUDENT_METHODS[name].data == "trajectories" for name in config.students):
         _need(data["trajectories"], "generate")
     seconds = {}
     for name in config.students:
         method = STUDENT_METHODS[name]
-        output = config.path("students") / name
-        _clear(output)
         options = dict(method.options)
         if options.get("segmentation_style") not in (None, "none"):  # SAD's spans, as the agents' format draws them
             options["segmentation_style"] = _segmentation_style(config)
         if options.get("lmbda", 0) > 0:  # the student acts on the training tasks, as the teacher did
             options.update(rollout=_agent_settings(config, "train"), on_policy_start_step=config.student_steps // 2)
-        started = time.monotonic()
-        _train(config, model=config.path("student_init"), data=data[method.data], output=output,
-               steps=config.student_steps, options=options,
-               teacher=config.path("teacher") if method.uses_teacher else None)
-        seconds[name] = round(time.monotonic() - started, 1)
+        for seed in config.seeds:
+            output = config.student_path(name, seed)
+            _clear(output)
+            started = time.monotonic()
+            _train(config, model=config.student_init_path(seed), data=data[method.data], output=output,
+                   steps=config.student_steps, options=options,
+                   teacher=config.path("teacher") if method.uses_teacher else None,
+                   seed=config.seed if seed is None else seed)
+            seconds[config.student_label(name, seed)] = round(time.monotonic() - started, 1)
     per_step = {name: round(value / config.student_steps, 3) for name, value in seconds.items()}
     return {"seconds": seconds, "seconds_per_step": per_step}
 
 
 def evaluate_models(config: DemoConfig) -> dict[str, Any]:
     """Agents (greedy and self-consistent) and tool-free CoT answers on the test split, as one evaluation."""
+    students = {}  # label -> (method, reference)
     for name in config.students:
-        _need(config.path("students") / name / "config.json", "distill")
+        for seed in config.seeds:
+            path = _need(config.student_path(name, seed) / "config.json", "distill").parent
+            students[config.student_label(name, seed)] = (name, f"{config.student_label(name, seed)}={path}")
     _clear(config.path("eval"))
     teacher = f"teacher={config.path('teacher')}"
-    students = {name: f"{name}={config.path('students') / name}" for name in config.students}
-    agents = [teacher] + [ref for name, ref in students.items() if STUDENT_METHODS[name].mode == "agent"]
-    answerers = [teacher] + [ref for name, ref in students.items() if STUDENT_METHODS[name].mode == "cot"]
+    agents = [teacher] + [ref for name, ref in students.values() if STUDENT_METHODS[name].mode == "agent"]
+    answerers = [teacher] + [ref for name, ref in students.values() if STUDENT_METHODS[name].mode == "cot"]
     runs, tasks = [], 0
     agent_settings = [0, config.self_consistency] if config.self_consistency else [0]
     modes = (("agent", agents),) if config.environment else (("agent", agents), ("cot", answerers))
@@ -312,7 +390,8 @@ def evaluate_models(config: DemoConfig) -> dict[str, Any]:
         runs += result["runs"]
         tasks = result["tasks"]
     where = f"{config.environment}'s test split" if config.environment else "the toy world's test split"
-    evaluation = {"tasks": tasks, "dataset": where, "runs": runs}
+    evaluation = {"tasks": tasks, "dataset": where, "runs": runs,
+                  "methods": {label: method for label, (method, _) in students.items()}}
     (config.path("eval") / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
     return {"runs": len(runs)}
 
@@ -321,8 +400,8 @@ def write_demo_report(config: DemoConfig, timings: dict[str, float] | None = Non
     """The report of the whole run in `output_dir`; prints the table."""
     evaluation = json.loads(_need(config.path("eval") / "evaluation.json", "eval").read_text())
     histories = {"teacher (SFT)": load_log_history(config.path("teacher"))}
-    for name in config.students:
-        histories[name] = load_log_history(config.path("students") / name)
+    for name in config.students:  # one curve per method: its first seed's
+        histories[name] = load_log_history(config.student_path(name, config.seeds[0]))
     notes = _notes(config, timings or {})
     report = write_report(config.root, evaluation, histories, notes=notes)
     print(results_table(evaluation["runs"]))
@@ -386,14 +465,14 @@ def _agent_task_config(config: DemoConfig, config_class: type[GenerateConfig | E
 
 
 def _train(config: DemoConfig, *, model: Path, data: Path, output: Path, steps: int, options: dict[str, Any],
-           teacher: Path | None = None) -> None:
+           teacher: Path | None = None, seed: int | None = None) -> None:
     """One training run on CPU, through the same `train` as a recipe's, and its per-span losses printed."""
 
     training_args = AgentDistillConfig(
         output_dir=str(output), max_steps=steps, per_device_train_batch_size=config.per_device_train_batch_size,
         learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type, warmup_steps=0,
-        max_length=1024, logging_steps=max(1, steps // 15), save_strategy="no", report_to="none", use_cpu=True,
-        bf16=False, seed=config.seed, beta=0.0, lmbda=0.0, activation_checkpointing=False,
+        max_length=config.max_length, logging_steps=max(1, steps // 15), save_strategy="no", report_to="none",
+        use_cpu=True, bf16=False, seed=config.seed if seed is None else seed, beta=0.0, lmbda=0.0, activation_checkpointing=False,
         disable_tqdm=not config.show_progress, teacher_model_name_or_path=str(teacher) if teacher else None, **options,
     )
     trainer = train(

@@ -79,6 +79,37 @@ def plot_success_rates(rows: list[dict[str, Any]], path: str | Path) -> Path:
     return Path(path)
 
 
+def over_seeds(runs: list[dict[str, Any]], methods: dict[str, str], metric: str = "correct") -> list[dict[str, Any]]:
+    """Per method and setting, `metric` over the method's seeds: mean, sample standard deviation and the 95%
+    Student-t interval of the mean (None with one seed: one run is one run), with the per-seed values."""
+    from scipy import stats
+
+    groups: dict[tuple[str, str], list[float]] = {}
+    for run in runs:
+        if run["model"] in methods:
+            groups.setdefault((methods[run["model"]], run["setting"]), []).append(float(run[metric]))
+    rows = []
+    for (method, setting), values in groups.items():
+        n = len(values)
+        mean = sum(values) / n
+        std = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else None
+        half = stats.t.ppf(0.975, n - 1) * std / n**0.5 if std is not None else None
+        rows.append({"method": method, "setting": setting, "seeds": n, "mean": mean, "std": std,
+                     "interval": None if half is None else [mean - half, mean + half], "values": values})
+    return rows
+
+
+def seeds_table(rows: list[dict[str, Any]], metric_name: str = "success") -> str:
+    """A markdown table of `over_seeds` rows."""
+    lines = [f"| method | setting | seeds | mean {metric_name} | 95% interval | per seed |", "|" + " --- |" * 6]
+    for row in rows:
+        interval = "-" if row["interval"] is None else f"[{row['interval'][0]:.1%}, {row['interval'][1]:.1%}]"
+        values = ", ".join(f"{value:.1%}" for value in row["values"])
+        lines.append(f"| {row['method']} | {row['setting']} | {row['seeds']} | {row['mean']:.1%} | {interval} | "
+                     f"{values} |")
+    return "\n".join(lines)
+
+
 def write_report(output_dir: str | Path, evaluation: dict[str, Any], histories: dict[str, list[dict[str, Any]]],
                  notes: str = "") -> dict[str, Any]:
     """Write `report.md`, `report.json` and the two plots into `output_dir`; return the JSON report."""
@@ -91,10 +122,15 @@ def write_report(output_dir: str | Path, evaluation: dict[str, Any], histories: 
         name: {key: entries[-1][key] for key in LOSS_KEYS if key in entries[-1]}
         for name, history in histories.items() if (entries := _loss_entries(history))
     }
+    seeds = over_seeds(evaluation["runs"], evaluation.get("methods", {}))
     report = {"evaluation": evaluation, "final_losses": final_losses, "plots": plots, "notes": notes}
+    lines = ["# Report", "", f"{evaluation['tasks']} test tasks from {evaluation['dataset']}.", ""]
+    if any(row["seeds"] > 1 for row in seeds):
+        report["over_seeds"] = seeds
+        lines += ["Success over the students' seeds (mean, 95% Student-t interval of the mean):", "",
+                  seeds_table(seeds), "", "Every run:", ""]
     (root / "report.json").write_text(json.dumps(report, indent=2))
-    lines = ["# Report", "", f"{evaluation['tasks']} test tasks from {evaluation['dataset']}.", "",
-             results_table(evaluation["runs"]), ""]
+    lines += [results_table(evaluation["runs"]), ""]
     if notes:
         lines += [notes, ""]
     lines += [f"![{name.replace('_', ' ')}]({file})" for name, file in plots.items()]
