@@ -163,3 +163,25 @@ def test_on_policy_training_plays_the_environment(line_environment, tmp_path, ti
     assert len(seen) == 1 and "You are at 0. Walk to" in seen[0]  # an episode of the environment, not the dataset
     (log,) = [entry for entry in trainer.state.log_history if "rollout_batches" in entry]
     assert log["rollout_episodes"] == 2
+
+
+def test_eval_measures_sad_reasoning_length_and_cot_match_rate(line_environment, tmp_path):
+    reference = tmp_path / "reference"
+    generate_trajectories(GenerateConfig(environment="line", environment_options={"tasks": 2}, dataset_split="test",
+                                         model_name_or_path="expert", output_dir=str(reference), show_progress=False),
+                          backend=PolicyBackend(LineSuite().expert()))
+    config = EvalConfig(environment="line", environment_options={"tasks": 2}, models=["expert", "lost"],
+                        reference_episodes=str(reference / "episodes.jsonl"), output_dir=str(tmp_path / "eval"),
+                        show_progress=False)
+    backends = {"expert": PolicyBackend(LineSuite().expert()), "lost": PolicyBackend(scripted("jump\n"))}
+    rows = {row["model"]: row for row in evaluate(config, backends=backends)["runs"]}
+    # The expert's episodes: a thought ("think: I must walk N steps.", 6 words with its marker), then 1 and 2 steps
+    # right: 2 + 3 teacher turns, all matched.
+    assert rows["expert"]["cot_match_rate"] == 1.0 and rows["expert"]["cot_match"]["turns"] == 5
+    assert rows["expert"]["cot_match"]["thought_turns"] == 2
+    assert rows["lost"]["cot_match_rate"] == 0.0
+    assert rows["expert"]["reasoning_length"] == 6.0 and rows["expert"]["reasoning_length_unit"] == "words"
+    assert rows["lost"]["reasoning_length"] is None  # it never thought
+    assert "CoT match" in (tmp_path / "eval" / "results.md").read_text()
+    cached = json.loads((tmp_path / "eval" / "expert" / "cot_match.json").read_text())
+    assert cached["result"]["cot_match_rate"] == 1.0

@@ -23,9 +23,10 @@ from typing import Any
 
 from .agent.backends import GenerationBackend, GenerationRequest, OpenAIBackend, SamplingParams
 from .agent.loop import Episode, SelfConsistency, Task
-from .jsonl import ResumableJsonl, check_same_settings
+from .episode_metrics import cot_match_rate, reasoning_lengths
+from .jsonl import ResumableJsonl, check_same_settings, read_jsonl
 from .metrics import extract_boxed, score_answer
-from .storage import lock_directory, model_files_identity, write_json
+from .storage import as_stored, lock_directory, model_files_identity, read_json, write_json
 from .tasks import AgentTaskConfig, build_agent, check_resumed_tasks, cot_messages, load_backend, load_tasks
 
 MODES = ("agent", "cot")
@@ -39,7 +40,7 @@ JUDGE_PROMPT = (
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 # Settings that may change between a run and its resumption without changing what an episode is.
 _RESUMABLE_FIELDS = ("output_dir", "batch_size", "max_tasks", "show_progress", "request_timeout", "check_timeout",
-                     "models", "modes", "self_consistency", "judge_model", "judge_base_url")
+                     "models", "modes", "self_consistency", "judge_model", "judge_base_url", "reference_episodes")
 
 
 @dataclass
@@ -67,6 +68,12 @@ class EvalConfig(AgentTaskConfig):
         default=None, metadata={"help": "Optional LLM judge (served model name); off when unset."}
     )
     judge_base_url: str | None = field(default=None, metadata={"help": "OpenAI-compatible endpoint of the judge."})
+    reference_episodes: str | None = field(
+        default=None,
+        metadata={"help": "Held-out teacher episodes (a `generate` output's episodes.jsonl or trajectories.jsonl on "
+                  "the evaluated tasks' kind) for SAD's CoT match rate: teacher-forced, the share of the teacher's "
+                  "turns whose action each model writes greedily. Unset: not measured."},
+    )
     dataset_split: str = field(default="test", metadata={"help": "Split holding the tasks."})
     output_dir: str = field(default="outputs/eval", metadata={"help": "Where predictions and tables go."})
 
@@ -216,8 +223,43 @@ def evaluate_run(backend: GenerationBackend, tasks: list[Task], setting: Setting
                 bar.set_postfix(score=f"{correct / finished:.1%}")
                 pending = []
         summary = summarize_run(predictions.records, seconds=time.monotonic() - started, new=len(todo))
+    if setting.mode == "agent":
+        length = reasoning_lengths(predictions.records, getattr(backend, "tokenizer", None),
+                                   style=segmentation_style_of(build_agent(config).format))
+        summary.update(reasoning_length=length.mean, reasoning_length_unit=length.unit)
     write_json(run_dir / SUMMARY_FILE, summary)
     return summary
+
+
+def segmentation_style_of(agent_format) -> str:
+    """The segmentation style that reads `agent_format`'s turns: its own, else `auto`."""
+    from .segmentation import STYLES
+
+    return agent_format.name if agent_format.name in STYLES else "auto"
+
+
+def measure_cot_match(backend: GenerationBackend, config: EvalConfig, model_dir: Path,
+                      settings: dict[str, Any]) -> dict[str, Any]:
+    """SAD's CoT match rate of one model on `reference_episodes` (see `episode_metrics.cot_match_rate`), kept in
+    `model_dir/cot_match.json` and measured again only when the settings or the reference file changed."""
+    reference = Path(config.reference_episodes)
+    if not reference.is_file():
+        raise FileNotFoundError(f"reference_episodes: {reference} does not exist (a `generate` output's "
+                                "episodes.jsonl or trajectories.jsonl).")
+    stat = reference.stat()
+    settings = {**settings, "reference": {"path": str(reference.resolve()), "size": stat.st_size,
+                                          "mtime_ns": stat.st_mtime_ns}}
+    path = model_dir / "cot_match.json"
+    previous = read_json(path, remedy="delete it to measure the CoT match rate again.")
+    if previous is not None and previous.get("settings") == as_stored(settings):
+        return previous["result"]
+    records = read_jsonl(reference)
+    if config.max_tasks is not None:
+        records = records[: config.max_tasks]
+    result = cot_match_rate(backend, build_agent(config).format, records, batch_size=config.batch_size,
+                            max_new_tokens=config.max_new_tokens).to_dict()
+    write_json(path, {"settings": settings, "result": result})
+    return result
 
 
 def summarize_run(records: list[dict[str, Any]], *, seconds: float, new: int) -> dict[str, Any]:
@@ -271,12 +313,20 @@ def evaluate(config: EvalConfig, backends: dict[str, GenerationBackend] | None =
                 # A model retrained at the same path is another model: its files' identity is part of the settings.
                 files = None if model.base_url else model_files_identity(model.model)
                 try:
+                    model_rows = []
                     for setting in settings_of(config):
                         run_dir = root / _safe(model.label) / setting.name
                         settings = {**shared, "model": asdict(model), "model_files": files, "setting": asdict(setting),
                                     "judge": config.judge_model}
                         summary = evaluate_run(backend, tasks, setting, config, run_dir, settings, judge)
-                        rows.append({"model": model.label, "setting": setting.name, **summary})
+                        model_rows.append({"model": model.label, "setting": setting.name, **summary})
+                    if config.reference_episodes and "agent" in config.modes:
+                        match = measure_cot_match(backend, config, root / _safe(model.label),
+                                                  {**shared, "model": asdict(model), "model_files": files})
+                        for row in model_rows:  # a property of the model, shown beside each of its agent settings
+                            if row["setting"] != "cot":
+                                row.update(cot_match_rate=match["cot_match_rate"], cot_match=match)
+                    rows += model_rows
                 finally:
                     if given is None:
                         backend.close()

@@ -25,6 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..envs.base import Environment, EnvironmentFailure, EnvironmentSuite, Transition
 from ..formats import (
     AgentFormat,
     CodeActFormat,
@@ -35,7 +36,6 @@ from ..formats import (
     ToolCall,
     ToolError,
 )
-from ..envs.base import Environment, EnvironmentFailure, EnvironmentSuite, Transition
 from ..metrics import normalize_answer
 from .backends import Completion, GenerationBackend, GenerationRequest, SamplingParams
 from .sandbox import Observation, PythonSandbox, SandboxError
