@@ -96,10 +96,12 @@ def test_drawn_sets_reproduce_the_papers_rows(name, rows_in_split, first_ids):
     assert part.rows.indices(split, seed=7)[:5] != first_ids
 
 
-def test_drawn_sets_load_in_the_order_drawn_and_the_seed_is_an_option(tmp_path):
+def test_drawn_sets_load_in_the_order_drawn_and_the_seed_is_an_option(tmp_path, caplog):
     base = fixture_rows("2wikimultihopqa")[0]
     source = write_rows(tmp_path / "dev.jsonl", [{**base, "question": f"Question {i}?"} for i in range(600)])
-    rows = load_task_set("2wikimultihopqa", source=source)
+    with caplog.at_level(logging.WARNING, logger="trl_agent_distill.task_sets"):
+        rows = load_task_set("2wikimultihopqa", source=source)
+    assert not caplog.text  # the paper's 500 rows: nothing to warn about
     expected = random.Random(42).sample(range(600), 500)
     assert rows["id"] == [str(i) for i in expected] and rows["question"][0] == f"Question {expected[0]}?"
     assert load_task_set("2wikimultihopqa", source=source, seed=3)["id"] != rows["id"]
@@ -131,6 +133,12 @@ def test_math_training_set_draws_levels_4_5_then_2_3_and_reads_the_boxed_answer(
     assert set(rows["answer"]) == {r"(-\infty,-8]\cup [8,\infty)", "4", "70", "-6"}
     # The level-3 row whose solution has no \boxed{} is left out, and said so.
     assert "no readable answer" in caplog.text and "'4'" in caplog.text
+
+
+def test_a_copy_with_fewer_rows_than_the_papers_set_is_said_to_be_one(caplog):
+    with caplog.at_level(logging.WARNING, logger="trl_agent_distill.task_sets"):
+        load_task_set("bamboogle", source=FIXTURES / "bamboogle.jsonl")
+    assert "'bamboogle' has 3 rows where the paper used 125" in caplog.text and "bamboogle.jsonl" in caplog.text
 
 
 def test_another_split_takes_all_its_rows_mapped_the_same_way():
@@ -182,15 +190,21 @@ def test_an_unknown_name_lists_the_task_sets_with_a_suggestion():
         load_task_set("hotpot_qa")
 
 
-def test_a_hub_failure_says_to_pass_a_local_source(monkeypatch):
-    def offline(name, config=None, **kwargs):
-        raise ConnectionError("offline mode is enabled")
+def test_the_hub_is_asked_for_the_papers_split_only_and_a_failure_says_to_pass_a_local_source(monkeypatch):
+    asked = []
 
-    monkeypatch.setattr(task_sets, "load_any_dataset", offline)
+    def hub(path, name=None, split=None):
+        asked.append((path, name, split))
+        if name == "en-hard":
+            raise ConnectionError("offline mode is enabled")
+        return datasets.Dataset.from_list(fixture_rows("olymmath_en-easy"))
+
+    monkeypatch.setattr(task_sets.datasets, "load_dataset", hub)
     with pytest.raises(ValueError) as error:
         load_task_set("olymmath")
+    assert asked == [("RUC-AIBOX/OlymMATH", "en-easy", "test"), ("RUC-AIBOX/OlymMATH", "en-hard", "test")]
     message = str(error.value)
-    assert "could not load RUC-AIBOX/OlymMATH (configuration en-easy) from the hub" in message
+    assert "could not load RUC-AIBOX/OlymMATH (en-hard) split 'test' from the hub" in message
     assert "ConnectionError: offline mode is enabled" in message and "pass source=" in message
 
 

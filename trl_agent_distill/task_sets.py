@@ -61,9 +61,6 @@ class Sample:
 
     def indices(self, rows: datasets.Dataset, seed: int) -> list[int]:
         kept = _kept(rows, self.keep, self.keep_fields)
-        if len(kept) < self.size:
-            logger.warning("Only %d rows to draw the paper's %d from: all of them are used, shuffled. The paper's "
-                           "subset needs the whole split.", len(kept), self.size)
         return [kept[i] for i in random.Random(seed).sample(range(len(kept)), min(self.size, len(kept)))]
 
 
@@ -248,6 +245,10 @@ def load_task_set(name: str, split: str | None = None, *, source: Source | None 
         parts = [_load_part(task_set, part, split or task_set.split, source, seed, paper_rows)
                  for part in (task_set.parts if paper_rows else [Part(config) for config in task_set.configs])]
         rows = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+        if paper_rows and len(rows) != task_set.paper_size:
+            logger.warning("Task set '%s' has %d rows where the paper used %d: %s is a partial or changed copy of "
+                           "%s, so scores will not compare with the paper's.", name, len(rows), task_set.paper_size,
+                           source or "the hub's", task_set.hub_name)
         rows = _without_unanswered(rows, task_set)
     _check_unique_ids(rows, task_set)
     if max_tasks is not None:
@@ -302,26 +303,23 @@ def _load_part(task_set: TaskSet, part: Part, split: str, source: Source | None,
 def _read_split(task_set: TaskSet, config: str | None, split: str,
                 source: Source | None) -> tuple[str, datasets.Dataset]:
     """Where the rows come from (for messages) and the split's rows."""
-    if source is None:
-        where = f"{task_set.hub_name}" + (f" ({config})" if config else "") + f" split '{split}'"
-        try:
-            loaded = load_any_dataset(task_set.hub_name, config)
-        except Exception as error:  # noqa: BLE001 - hub failures vary (offline, renamed, gated): all re-raised here
-            raise ValueError(
-                f"Task set '{task_set.name}': could not load {task_set.hub_name}"
-                + (f" (configuration {config})" if config else "")
-                + f" from the hub ({type(error).__name__}: {error}). Without the hub, pass source= a local copy "
-                "in its own schema (.jsonl/.json/.parquet or a save_to_disk directory)."
-            ) from error
-    else:
-        path = _source_path(task_set, config, source)
-        where = f"{path}"
-        loaded = load_any_dataset(str(path), local_split=split)
-    if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raise ValueError(f"Task set '{task_set.name}': {where} has no split '{split}' (it has {list(loaded)}).")
-        loaded = loaded[split]
-    return where, loaded
+    if source is not None:
+        where = str(_source_path(task_set, config, source))
+        loaded = load_any_dataset(where, local_split=split)
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise ValueError(f"Task set '{task_set.name}': {where} has no split '{split}' (it has {list(loaded)}).")
+            loaded = loaded[split]
+        return where, loaded
+    where = f"{task_set.hub_name}" + (f" ({config})" if config else "") + f" split '{split}'"
+    try:  # only the split asked for is downloaded (HotpotQA's train split is 90k rows with their contexts)
+        return where, datasets.load_dataset(task_set.hub_name, name=config, split=split)
+    except Exception as error:  # noqa: BLE001 - hub failures vary (offline, renamed, gated, bad split): re-raised
+        raise ValueError(
+            f"Task set '{task_set.name}': could not load {where} from the hub ({type(error).__name__}: {error}). "
+            "Check the split's name; without the hub, pass source= a local copy in its own schema "
+            "(.jsonl/.json/.parquet or a save_to_disk directory)."
+        ) from error
 
 
 def _source_path(task_set: TaskSet, config: str | None, source: Source) -> str | os.PathLike:
