@@ -1,12 +1,6 @@
 """The recipes reproducing the Agent Distillation paper (recipes/agent-distillation/) parse as their commands read
-them, and hold the paper's settings.
+them, and hold the paper's settings.They name their tasks with `task_set:` (the registry in `trl_agent_distill.task_sets`)."""
 
-They name their tasks with `task_set:`, an option `generate` / `eval` take from the registry in
-`trl_agent_distill.task_sets`; until that option is wired into the task config the checks that need it are expected
-to fail (strict xfail: they report XPASS, a failure, the moment it is wired, so the marker goes then).
-"""
-
-from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -22,14 +16,10 @@ from trl_agent_distill.cli import (
     parse_train_args,
 )
 from trl_agent_distill.task_sets import PAPER_BENCHMARKS, PAPER_TRAINING_SETS, TASK_SETS
-from trl_agent_distill.tasks import AgentTaskConfig
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes" / "agent-distillation").glob("*.yaml"))
 TASK_RECIPES = [path for path in RECIPES if path.name.startswith(("generate", "eval"))]
 TRAIN_RECIPES = [path for path in RECIPES if path not in TASK_RECIPES]
-TASK_SET_WIRED = "task_set" in {f.name for f in fields(AgentTaskConfig)}
-needs_task_set = pytest.mark.xfail(not TASK_SET_WIRED, strict=True, raises=ValueError,
-                                   reason="`task_set` is not an option of generate / eval yet")
 
 
 def parser_for(recipe: Path):
@@ -59,19 +49,10 @@ def test_task_recipes_name_a_registered_task_set(recipe):
 
 
 @pytest.mark.parametrize("recipe", TASK_RECIPES, ids=lambda path: path.name)
-def test_task_recipes_pass_check_recipe_but_for_task_set(recipe, tmp_path):
-    without = tmp_path / recipe.name
-    without.write_text(yaml.safe_dump({k: v for k, v in settings(recipe).items() if k != "task_set"}))
-    check_recipe(parser_for(recipe), str(without))
-
-
-@needs_task_set
-@pytest.mark.parametrize("recipe", TASK_RECIPES, ids=lambda path: path.name)
 def test_task_recipes_pass_check_recipe(recipe):
     check_recipe(parser_for(recipe), str(recipe))
 
 
-@needs_task_set
 def test_the_generate_recipe_is_the_papers_teacher_run():
     config = parse_generate_args(["--config", str(RECIPES[0].parent / "generate.yaml")])
     assert config.model_name_or_path == "Qwen/Qwen2.5-32B-Instruct" and config.base_url
@@ -79,7 +60,6 @@ def test_the_generate_recipe_is_the_papers_teacher_run():
     assert (config.agent, config.retrieval_top_k, config.max_agent_steps) == ("codeact", 3, 5)
 
 
-@needs_task_set
 def test_the_eval_recipe_runs_greedy_and_with_eight_candidates():
     config = parse_eval_args(["--config", str(RECIPES[0].parent / "eval.yaml")])
     assert config.self_consistency == [0, 8] and (config.sc_temperature, config.sc_top_p) == (0.4, 0.8)

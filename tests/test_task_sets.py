@@ -238,3 +238,14 @@ def test_windows_and_samples_filter_before_choosing():
     keep = (lambda row: row["level"] == "hard", ("level",))
     assert Window(1, 3, *keep).indices(split, seed=0) == [2, 3]
     assert sorted(Sample(2, *keep).indices(split, seed=0)) in ([0, 2], [0, 3], [2, 3])
+
+
+def test_a_task_config_names_a_task_set_and_a_local_copy_of_it():
+    from trl_agent_distill.tasks import AgentTaskConfig, load_tasks
+
+    config = AgentTaskConfig(task_set="musique", dataset_name=str(FIXTURES / "musique.jsonl"), max_tasks=1)
+    (task,) = load_tasks(config)
+    assert (task.task_id, task.answer, task.aliases) == ("3hop1__454441_55349_651302", "Denver",
+                                                          ("Denver, Colorado", "Mile High City"))
+    with pytest.raises(ValueError, match="Did you mean 'musique'"):
+        AgentTaskConfig(task_set="musiqe")

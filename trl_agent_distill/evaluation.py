@@ -13,6 +13,7 @@ name it in the table.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections import Counter
@@ -302,8 +303,8 @@ def evaluate(config: EvalConfig, backends: dict[str, GenerationBackend] | None =
     with lock_directory(root, "eval"):
         judge = None
         if config.judge_model:
-            judge = OpenAIBackend(config.judge_base_url, config.judge_model, request_timeout=config.request_timeout,
-                                  check_timeout=config.check_timeout)
+            judge = OpenAIBackend(config.judge_base_url, config.judge_model, api_key=os.environ.get(config.api_key_env),
+                                  request_timeout=config.request_timeout, check_timeout=config.check_timeout)
             judge.check()
         rows = []
         try:

@@ -13,7 +13,7 @@ import difflib
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +29,14 @@ from .data import load_any_dataset
 from .deprecation import take_renamed_option
 from .envs.base import ENVIRONMENTS, EnvironmentSuite, load_environment
 from .quantization import check_4bit_layers_packable
+from .task_sets import TASK_SETS, get_task_set, load_task_set
 
 logger = logging.getLogger(__name__)
 
 AGENTS = ("codeact", "react")
 DEFAULT_AGENT_STEPS = 5  # question answering; an environment has its own cap
 DEFAULT_STEP_TIMEOUT = 60.0
+ALIASES_FIELD = "answer_aliases"  # other accepted answers, where a dataset has them (MuSiQue)
 
 
 @dataclass
@@ -53,6 +55,14 @@ class AgentTaskConfig:
         default="id", metadata={"help": "Column with a unique task id; without it the row number is the id."}
     )
     max_tasks: int | None = field(default=None, metadata={"help": "Use only the first N tasks."})
+    task_set: str | None = field(
+        default=None,
+        metadata={"help": "A benchmark of the Agent Distillation paper (hotpotqa, bamboogle, musique, "
+                  "2wikimultihopqa, math500, gsm_hard, aime, olymmath; training sets hotpotqa_train, math_train; "
+                  "gsm_symbolic) loaded with its field mapping, the paper's split and rows, and scored as the paper "
+                  "scores it. `dataset_name` then names a local copy in that dataset's own schema instead of the hub.",
+                  "choices": sorted(TASK_SETS)},
+    )
     environment: str | None = field(
         default=None,
         metadata={"help": "An interactive environment that brings its own tasks (split `dataset_split`), agent format "
@@ -121,6 +131,10 @@ class AgentTaskConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.step_timeout is not None and self.step_timeout <= 0:
             raise ValueError(f"step_timeout must be > 0 seconds, got {self.step_timeout}")
+        if self.task_set is not None:
+            get_task_set(self.task_set)  # an unknown name fails naming the closest one
+            if self.environment is not None:
+                raise ValueError("task_set and environment both bring the tasks: set one of them.")
         if self.environment is not None:
             if self.environment not in ENVIRONMENTS:
                 load_environment(self.environment)  # fails naming the closest environment
@@ -193,6 +207,11 @@ def load_tasks(config: AgentTaskConfig) -> list[Task]:
     if suite is not None:
         tasks = suite.tasks(config.dataset_split)
         return tasks[: config.max_tasks] if config.max_tasks is not None else tasks
+    if config.task_set is not None:
+        # The paper's split and rows; its own seed draws the sets the paper sampled, whatever the sampling seed.
+        rows = load_task_set(config.task_set, source=config.dataset_name, max_tasks=config.max_tasks)
+        mapped = replace(config, question_field="question", answer_field="answer", id_field="id", max_tasks=None)
+        return tasks_from_rows(rows, mapped, source=f"task set {config.task_set!r}")
     if not config.dataset_name:
         raise ValueError("No tasks: set `dataset_name` (a hub dataset or a local .jsonl file with questions).")
     loaded = load_any_dataset(config.dataset_name, config.dataset_config, local_split=config.dataset_split)
@@ -229,7 +248,8 @@ def tasks_from_rows(rows, config: AgentTaskConfig, *, source: str) -> list[Task]
                 "must be unique to resume runs. Fix the data or set id_field: null to use row numbers."
             )
         seen[task_id] = index
-        tasks.append(Task(task_id=task_id, question=question, answer=row[config.answer_field]))
+        aliases = tuple(row.get(ALIASES_FIELD) or ()) if ALIASES_FIELD in columns else ()
+        tasks.append(Task(task_id=task_id, question=question, answer=row[config.answer_field], aliases=aliases))
     return tasks
 
 

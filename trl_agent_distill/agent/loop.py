@@ -55,6 +55,7 @@ class Task:
     question: str
     answer: Any = None
     setup: Any = None
+    aliases: tuple[str, ...] = ()  # other accepted answers (MuSiQue's), scored like `answer`
 
 
 @dataclass(frozen=True)
