@@ -37,8 +37,7 @@ from .spans import (  # noqa: F401 (Span and the errors are part of this module'
 FORMATS: dict[str, TrajectoryFormat] = {
     fmt.name: fmt for fmt in (CodeActFormat(), ReActFormat(), ALFWorldFormat(), ToolCallingFormat())
 }
-# Tool calling is found, not chosen: `auto` reads a conversation with structured tool_calls (or call markup) in it.
-STYLES = ("auto", "react", "alfworld", "codeact", "none")
+STYLES = ("auto", "react", "alfworld", "codeact", "tool_calling", "none")
 ROLES = ("system", "user", "assistant", "tool", "observation", "ipython")
 # The names chat templates read an assistant's reasoning from (transformers fills each from the others).
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")

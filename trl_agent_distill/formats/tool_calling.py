@@ -229,8 +229,9 @@ def schema_function(schema: Mapping[str, Any]) -> Mapping[str, Any]:
     return schema.get("function", schema) if schema.get("type") == "function" else schema
 
 
-def check_arguments(schema: Mapping[str, Any], arguments: Mapping[str, Any]) -> str | None:
-    """Why `arguments` do not fit the tool `schema` (unknown or missing names, JSON types, enums), or None."""
+def check_arguments(schema: Mapping[str, Any], arguments: Mapping[str, Any], *, types: bool = True) -> str | None:
+    """Why `arguments` do not fit the tool `schema` (unknown or missing names; with `types`, JSON types and enums),
+    or None."""
     function = schema_function(schema)
     parameters = function.get("parameters") or {}
     properties = parameters.get("properties") or {}
@@ -242,7 +243,7 @@ def check_arguments(schema: Mapping[str, Any], arguments: Mapping[str, Any]) -> 
     missing = [key for key in parameters.get("required") or [] if key not in arguments]
     if missing:
         return f"{name} needs the argument{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}"
-    for key, value in arguments.items():
+    for key, value in arguments.items() if types else ():
         expected = properties[key].get("type")
         kinds = _JSON_TYPES.get(expected) if isinstance(expected, str) else None
         wrong_bool = isinstance(value, bool) and expected in ("integer", "number")
@@ -298,11 +299,11 @@ class ToolCallingFormat(EnvironmentFormat[tuple[FunctionCall, ...]]):
         return ParsedReply(content=reply, action=calls)
 
     @staticmethod
-    def check_call(call: FunctionCall, schemas: Mapping[str, Mapping[str, Any]]) -> str | None:
-        """Why `call` is not a call of one of `schemas` (by tool name), or None."""
+    def check_call(call: FunctionCall, schemas: Mapping[str, Mapping[str, Any]], *, types: bool = True) -> str | None:
+        """Why `call` is not a call of one of `schemas` (by tool name), or None (see `check_arguments`)."""
         if call.name not in schemas:
             return f"there is no tool {call.name!r} (the tools are {', '.join(sorted(schemas))})"
-        return check_arguments(schemas[call.name], call.arguments)
+        return check_arguments(schemas[call.name], call.arguments, types=types)
 
     def _error(self, reply: str, cause: str) -> ParseError:
         return ParseError(content=reply, message=self.prompts["parse_error"].format(cause=cause,
