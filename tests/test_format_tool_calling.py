@@ -1,12 +1,15 @@
 """Native tool calling: parsing (Hermes, pythonic), messages, segmentation, the collator, the OpenAI backend."""
 
+import copy
 import json
 import re
+from pathlib import Path
 
 import datasets
 import pytest
+import trl
 
-from trl_agent_distill.agent import GenerationRequest, OpenAIBackend, PolicyBackend
+from trl_agent_distill.agent import GenerationRequest, OpenAIBackend, PolicyBackend, SamplingParams, TransformersBackend
 from trl_agent_distill.collator import AgentTrajectoryCollator
 from trl_agent_distill.encoding import encode_dataset
 from trl_agent_distill.formats import (
@@ -19,6 +22,7 @@ from trl_agent_distill.formats import (
     ToolResult,
     check_arguments,
     register_tool_call_parser,
+    with_argument_dicts,
 )
 from trl_agent_distill.segmentation import segment_messages
 
@@ -243,6 +247,21 @@ def test_episodes_round_trip_through_datasets_and_the_collator(tmp_path, tiny_to
     assert '"fuel_amount": 30.5' in decode_where(tiny_tokenizer, batch, 1, "act_mask")
     encoded, report = encode_dataset(rows, collator)
     assert len(encoded) == 2 and report.malformed_skipped == 0 and report.style == "auto"
+
+
+def test_templates_that_need_argument_dicts_get_them(make_model, tiny_tokenizer, monkeypatch):
+    qwen = copy.deepcopy(tiny_tokenizer)
+    qwen.chat_template = (Path(trl.__file__).parent / "chat_templates" / "qwen2_5.jinja").read_text()
+    messages = conversation()[1:4]
+    assert '"arguments": "{\\"a\\": true}"' in qwen.apply_chat_template(messages, tokenize=False)  # quoted twice
+    assert '"arguments": {"a": true}' in qwen.apply_chat_template(with_argument_dicts(messages), tokenize=False)
+    assert messages[1]["tool_calls"][0]["function"]["arguments"] == '{"a": true}'  # the stored messages stay strings
+    prompts = []
+    render = qwen.apply_chat_template
+    monkeypatch.setattr(qwen, "apply_chat_template", lambda *a, **k: prompts.append(render(*a, **k)) or prompts[-1])
+    backend = TransformersBackend(make_model(), qwen)
+    backend.generate([GenerationRequest(messages, SamplingParams(max_new_tokens=1), tools=TOOLS)])
+    assert '"arguments": {"a": true}' in prompts[-1] and '"name": "sort"' in prompts[-1]  # the tools are shown too
 
 
 # ---------------------------------------------------------------------------------------------- OpenAI backend

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..formats.tool_calling import tool_calls_reply
+from ..formats.tool_calling import tool_calls_reply, with_argument_dicts
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +177,8 @@ class TransformersBackend(GenerationBackend):
         from transformers import GenerationConfig
 
         prompts = [
-            self.tokenizer.apply_chat_template(r.messages, tools=r.tools, tokenize=False, add_generation_prompt=True)
+            self.tokenizer.apply_chat_template(with_argument_dicts(r.messages), tools=r.tools, tokenize=False,
+                                               add_generation_prompt=True)
             + r.prefix
             for r in requests
         ]

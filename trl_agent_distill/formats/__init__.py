@@ -20,6 +20,7 @@ from .tool_calling import (
     ToolResult,
     check_arguments,
     register_tool_call_parser,
+    with_argument_dicts,
 )
 
 __all__ = [
@@ -48,5 +49,6 @@ __all__ = [
     "describe_tool",
     "load_prompts",
     "register_tool_call_parser",
+    "with_argument_dicts",
     "render_execution",
 ]

@@ -17,9 +17,10 @@ Given `tool_schemas`, the format also rejects unknown tools and arguments that d
 (`check_arguments`); an environment whose tools differ per task checks them itself and answers a rejected call with
 an error result.
 
-`arguments` are stored as JSON strings, as the OpenAI API sends them: `datasets` loads rows whose calls go to
-different tools into one Arrow column only when the column has one type, and a string has one, where argument
-dicts would become a struct of every argument name of every tool, filled with nulls.
+`arguments` are stored as JSON strings, as the OpenAI API sends them: a string column holds the calls of every tool
+in Arrow, where argument dicts become a struct of every argument name of every tool, filled with nulls, wherever
+`datasets` does not infer its `Json` type (`Dataset.from_list`, for one). `with_argument_dicts` decodes them for
+chat templates that need dicts (Qwen2.5 and Llama 3.1 templates `| tojson` or iterate them).
 
 Segmentation: the text beside the calls is REASON, the calls are ACT (the chat template renders them), tool results
 are OBS, and a reply without calls is the agent's answer (ACT). In a reply kept as text (one that failed to parse)
@@ -105,7 +106,7 @@ class HermesParser(ToolCallParser):
             try:
                 call = json.loads(match.group("body"))
             except json.JSONDecodeError as error:
-                raise ToolCallSyntaxError(f"a tool call is not valid JSON ({error.msg} at character {error.pos})")
+                raise ToolCallSyntaxError(f"a tool call is not valid JSON ({error.msg} at character {error.pos})") from None
             if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not call["name"]:
                 raise ToolCallSyntaxError('a tool call must be a JSON object with a "name" string')
             arguments = call.get("arguments", {})
@@ -215,6 +216,33 @@ def tool_calls_reply(content: str | None, calls: Sequence[tuple[str, str]]) -> s
     the arguments written as the server sent them (malformed JSON then fails to parse, as the model wrote it)."""
     blocks = [hermes_block(name, arguments or "{}") for name, arguments in calls]
     return "\n".join([content, *blocks] if content else blocks)
+
+
+def with_argument_dicts(messages: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """`messages` with each tool call's JSON-string `arguments` decoded, for a chat template: templates that
+    `| tojson` them (Qwen2.5) would quote a string twice, those that iterate them (Llama 3.1) fail on one. Messages
+    without such calls are passed through as they are."""
+    converted = []
+    for message in messages:
+        tool_calls = message.get("tool_calls")
+        if not tool_calls or not any(isinstance(_function(call).get("arguments"), str) for call in tool_calls):
+            converted.append(message)
+            continue
+        calls = []
+        for call in tool_calls:
+            function = dict(_function(call))
+            if isinstance(function.get("arguments"), str):
+                try:
+                    function["arguments"] = json.loads(function["arguments"])
+                except json.JSONDecodeError:
+                    pass  # not JSON: the template shows it as the model wrote it
+            calls.append({**call, "function": function} if "function" in call else function)
+        converted.append({**message, "tool_calls": calls})
+    return converted
+
+
+def _function(call: Mapping[str, Any]) -> Mapping[str, Any]:
+    return call.get("function") or call
 
 
 # ---------------------------------------------------------------------------------------------- arguments
