@@ -27,10 +27,6 @@ def run(suite, policy, tasks, **agent_options):
     return {episode.task.task_id: episode for episode in agent.run(PolicyBackend(policy), tasks, batch_size=4)}
 
 
-def ground_truth_turn(task, turn):
-    return task.setup.ground_truth[turn]
-
-
 # ---------------------------------------------------------------------------------------------- tasks and tools
 def test_tasks_come_from_the_wheel_with_their_tools(suite):
     tasks = suite.tasks("all")
@@ -111,6 +107,17 @@ def test_miss_param_turns_without_ground_truth_get_a_question_back():
     assert episode.success
     users = [i for i, m in enumerate(episode.messages) if m["role"] == "user"]
     assert episode.messages[users[empty[0]] + 1] == {"role": "assistant", "content": CANNOT_DO}
+
+
+def test_a_reply_that_does_not_parse_is_fed_back_and_the_turn_goes_on(suite):
+    expert, broken = suite.expert(), '<tool_call>\n{"name": "cd", "arguments": {"folder": \n</tool_call>'
+    policy = lambda request: broken if len(request.messages) == 2 else expert(request)  # noqa: E731
+    task = suite.tasks("all")[0]
+    episode = run(suite, policy, [task])[task.task_id]
+    assert episode.parse_errors == 1 and episode.success
+    assert episode.messages[2] == {"role": "assistant", "content": broken}
+    assert episode.messages[3]["role"] == "user" and "not valid JSON" in episode.messages[3]["content"]
+    assert episode.messages[4]["tool_calls"]  # the expert's calls of the same turn
 
 
 # ---------------------------------------------------------------------------------------------- failures

@@ -190,18 +190,30 @@ class BFCLSuite(EnvironmentSuite):
             if entry is None:
                 raise ValueError(f"The BFCL expert does not know the task {request.task_id!r}; it replays the tasks "
                                  "of its own suite, run through EnvironmentAgent.")
-            turn = sum(message["role"] == "user" for message in request.messages) - 1
-            if turn < 0 or turn >= len(entry.ground_truth):
-                raise ValueError(f"The BFCL expert cannot tell the turn of {entry.id} from {turn + 1} user messages.")
-            replied = request.messages[-1]["role"] != "user"
+            turn, start = self._current_turn(entry, request.messages)
             expected = entry.ground_truth[turn]
-            if replied or not expected:
-                return TURN_DONE if expected else CANNOT_DO
+            if not expected:
+                return CANNOT_DO
+            if any(message["role"] == "tool" for message in request.messages[start:]):
+                return TURN_DONE
             classes = _classes(entry)
-            calls = tuple(_keyword_call(classes, source) for source in expected)
-            return self.format.write("", calls)
+            return self.format.write("", tuple(_keyword_call(classes, source) for source in expected))
 
         return policy
+
+    def _current_turn(self, entry: BFCLEntry, messages: list[dict[str, Any]]) -> tuple[int, int]:
+        """The user turn `messages` are in and the index of its message (other user messages are parse errors)."""
+        turn, start = -1, -1
+        for index, message in enumerate(messages):
+            upcoming = turn + 1
+            if message["role"] != "user" or upcoming == len(entry.turns):
+                continue
+            shown = self.format.task_message if upcoming == 0 else self.format.render
+            if message["content"] == shown(entry.turns[upcoming]):
+                turn, start = upcoming, index
+        if turn < 0:
+            raise ValueError(f"The BFCL expert finds no user turn of {entry.id} in the conversation.")
+        return turn, start
 
     # ------------------------------------------------------------------------------------------ data
     def _load(self, category: str) -> list[BFCLEntry]:
@@ -408,7 +420,9 @@ def _run_source(methods: Mapping[str, Callable[..., Any]], source: str) -> str:
 def _keyword_call(classes: Mapping[str, type], source: str) -> FunctionCall:
     """A ground-truth call with its positional arguments named, as a model calls tools."""
     ((name, positional, keywords),) = python_calls(source)
-    owner = next(class_ for class_ in reversed(list(classes.values())) if callable(getattr(class_, name, None)))
+    owner = next((class_ for class_ in reversed(list(classes.values())) if callable(getattr(class_, name, None))), None)
+    if owner is None:
+        raise ValueError(f"BFCL's ground-truth call {source!r} names no method of {list(classes)}")
     bound = inspect.signature(getattr(owner, name)).bind(None, *positional, **keywords)
     arguments = dict(list(bound.arguments.items())[1:])  # without self
     return FunctionCall(name, arguments)

@@ -412,5 +412,6 @@ def call_id(reply: str, index: int) -> str:
 
 
 def _is_results(observation: Any) -> bool:
-    return isinstance(observation, (list, tuple)) and all(isinstance(item, ToolResult) for item in observation) \
-        and bool(observation)
+    """Whether `observation` is what an environment returns for calls: one `ToolResult` per call."""
+    return bool(observation) and isinstance(observation, (list, tuple)) and all(
+        isinstance(item, ToolResult) for item in observation)
