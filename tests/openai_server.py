@@ -8,6 +8,11 @@ error body, a request the backend rejects a 400. To test a client's error handli
 an error (`status=500`) or stall (`delay` seconds) first; both are attributes, so a test can flip them on a running
 server. `bodies` keeps every JSON body received, `max_in_flight` the most requests handled at once.
 
+Tool calling: a request's `tools` go to the backend's chat template, and with `tool_parser="hermes"` the server
+answers as vLLM's `--tool-call-parser hermes` does: the `<tool_call>` blocks of the reply become structured
+`tool_calls` (finish reason "tool_calls"), the rest stays `content`. The backend may also be a `PolicyBackend`
+(scripted replies; usage then counts words).
+
     with FakeOpenAIServer(backend) as server:
         client = OpenAIBackend(server.base_url, server.model_name)
 """
@@ -15,6 +20,7 @@ server. `bodies` keeps every JSON body received, `max_in_flight` the most reques
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,6 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from trl_agent_distill.agent import GenerationRequest, SamplingParams, TransformersBackend
 
 MODEL_NAME = "tiny-teacher"
+_HERMES_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 
 def error_body(message: str, kind: str, code: int) -> dict:
@@ -30,9 +37,10 @@ def error_body(message: str, kind: str, code: int) -> dict:
 
 class FakeOpenAIServer:
     def __init__(self, backend: TransformersBackend, model_name: str = MODEL_NAME, *, status: int = 200,
-                 delay: float = 0.0):
+                 delay: float = 0.0, tool_parser: str | None = None):
         self.backend, self.model_name = backend, model_name
         self.status, self.delay = status, delay
+        self.tool_parser = tool_parser
         self.bodies: list[dict] = []
         self.in_flight = self.max_in_flight = 0
         self._generate_lock, self._count_lock = threading.Lock(), threading.Lock()
@@ -75,22 +83,46 @@ class FakeOpenAIServer:
             sampling = SamplingParams(temperature=given("temperature", 1.0), top_p=given("top_p", 1.0),
                                       max_new_tokens=given("max_tokens", 16), n=given("n", 1))
             request = GenerationRequest(messages=messages, sampling=sampling, prefix=prefix,
-                                        stop=(stop,) if isinstance(stop, str) else tuple(stop))
+                                        stop=(stop,) if isinstance(stop, str) else tuple(stop),
+                                        tools=body.get("tools"))
             with self._generate_lock:
                 (completions,) = self.backend.generate([request])
         except (ValueError, TypeError, KeyError) as error:
             return 400, error_body(str(error), "BadRequestError", 400)
-        tokenizer = self.backend.tokenizer
-        count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + prefix
+        tokenizer = getattr(self.backend, "tokenizer", None)
+        if tokenizer is None:
+            count = lambda text: len(text.split())  # noqa: E731
+            prompt = "\n".join(str(message.get("content") or "") for message in messages) + prefix
+        else:
+            count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+            prompt = tokenizer.apply_chat_template(messages, tools=request.tools, tokenize=False,
+                                                   add_generation_prompt=True) + prefix
         prompt_tokens = count(prompt)
         completion_tokens = sum(count(c.text) for c in completions)
-        choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason}
-                   for i, c in enumerate(completions)]
+        choices = [{"index": i, **self._message(c)} for i, c in enumerate(completions)]
         return 200, {"id": f"chatcmpl-{len(self.bodies)}", "object": "chat.completion", "created": int(time.time()),
                      "model": self.model_name, "choices": choices,
                      "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                                "total_tokens": prompt_tokens + completion_tokens}}
+
+    def _message(self, completion) -> dict:
+        """A choice's message and finish reason; with the hermes tool parser, its calls as `tool_calls`."""
+        blocks = _HERMES_BLOCK.findall(completion.text) if self.tool_parser == "hermes" else []
+        calls = []
+        for index, block in enumerate(blocks):
+            try:
+                call = json.loads(block)
+            except json.JSONDecodeError:  # vLLM leaves what it cannot parse in the content
+                return {"message": {"role": "assistant", "content": completion.text},
+                        "finish_reason": completion.finish_reason}
+            calls.append({"id": f"chatcmpl-tool-{index}", "type": "function", "function": {
+                "name": call["name"], "arguments": json.dumps(call.get("arguments", {}))}})
+        if not calls:
+            return {"message": {"role": "assistant", "content": completion.text},
+                    "finish_reason": completion.finish_reason}
+        content = _HERMES_BLOCK.sub("", completion.text).strip() or None
+        return {"message": {"role": "assistant", "content": content, "tool_calls": calls},
+                "finish_reason": "tool_calls"}
 
     def _handler(self):
         server = self

@@ -398,7 +398,7 @@ def test_auto_matches_explicit_style():
 
 def test_unknown_style_is_a_value_error_listing_the_styles():
     with pytest.raises(ValueError, match=r"style must be one of \('auto', 'react', 'alfworld', 'codeact', "
-                       r"'none'\), got 'json'") as caught:
+                       r"'tool_calling', 'none'\), got 'json'") as caught:
         segment_text("Thought: x", "json")
     assert not isinstance(caught.value, TrajectoryFormatError)
     with pytest.raises(ValueError, match="style must be one of"):
@@ -726,7 +726,8 @@ FRAGMENTS = [
     "Thought: ", "Thought 2: ", "Action: ", "Action 3: ", "Observation: ", "Action: think[", "Finish[", "Search[",
     "Code:", "```py", "```python", "```", "<end_code>", "<code>", "</code>", "Execution logs:", "Calling tools:",
     "final_answer(", "> ", "> think: ", "think: ", "OK.", "go to desk 1", "x = 1", "print(x)", "]", ")", " ",
-    "  ", "\t", "\n", "\n", "\n", "\r\n", "\n\n", "Question: ", "hello", "é", "\u2028",
+    "  ", "\t", "\n", "\n", "\n", "\r\n", "\n\n", "Question: ", "hello", "é", "\u2028", "<tool_call>", "</tool_call>",
+    '{"name": "ls", "arguments": {}}',
 ]
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from .formats import ALFWorldFormat, CodeActFormat, ReActFormat, TrajectoryFormat
+from .formats import ALFWorldFormat, CodeActFormat, ReActFormat, ToolCallingFormat, TrajectoryFormat
 from .spans import (  # noqa: F401 (Span and the errors are part of this module's API)
     SPAN_KINDS,
     STEP_KINDS,
@@ -33,9 +33,11 @@ from .spans import (  # noqa: F401 (Span and the errors are part of this module'
 )
 
 # The formats segmentation reads, in the order `auto` tries them: CodeAct first, as its `Thought:` lines would also
-# pass for ReAct.
-FORMATS: dict[str, TrajectoryFormat] = {fmt.name: fmt for fmt in (CodeActFormat(), ReActFormat(), ALFWorldFormat())}
-STYLES = ("auto", "react", "alfworld", "codeact", "none")
+# pass for ReAct; tool calling last, as its markup may sit inside any of them.
+FORMATS: dict[str, TrajectoryFormat] = {
+    fmt.name: fmt for fmt in (CodeActFormat(), ReActFormat(), ALFWorldFormat(), ToolCallingFormat())
+}
+STYLES = ("auto", "react", "alfworld", "codeact", "tool_calling", "none")
 ROLES = ("system", "user", "assistant", "tool", "observation", "ipython")
 # The names chat templates read an assistant's reasoning from (transformers fills each from the others).
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
@@ -198,9 +200,12 @@ def _conversation_style(messages: list[dict], style: str) -> str | None:
         return detect_style("\n".join(answer for answer in answers.values() if answer))
     except TrajectoryFormatError:
         pass
-    # Free text next to structured tool_calls needs no style (it is reasoning); any other assistant text does.
+    # A conversation with structured tool_calls speaks native tool calling: the text beside a call is reasoning, a
+    # reply without calls the answer. Any other assistant text needs a style.
+    if any(message.get("tool_calls") for message in messages):
+        return "tool_calling"
     for index, answer in answers.items():
-        if answer.strip() and not messages[index].get("tool_calls"):
+        if answer.strip():
             reason = f"{_NO_STYLE_REASON}; the message reads {_preview(answer)}"
             raise NoAgentMarkersError(reason, message_index=index)
     return None
@@ -226,7 +231,8 @@ def _segment_message(message: dict, index: int, style: str | None) -> list[Span]
         if not message.get("tool_calls"):
             spans = segment_text(answer, style or "auto", role="assistant")
         else:
-            spans = _segment(answer, style, assistant=True) if style else []
+            # Native tool calling keeps its calls out of the content: the text beside them holds no step.
+            spans = _segment(answer, style, assistant=True) if style not in (None, "tool_calling") else []
             # Free text before a structured call (no Thought:/Action: marker) is the agent thinking aloud.
             spans = _reason_before_first_step(answer, spans) if _has_step(spans) else [Span("reason", 0, len(answer))]
         shifted = [Span(span.kind, span.start + think_end, span.end + think_end) for span in spans]

@@ -4,6 +4,11 @@ The agent loop advances all its episodes in lockstep and hands every pending ste
 backend can batch them: `TransformersBackend` runs one left-padded `model.generate` per group of requests with the
 same sampling settings; `OpenAIBackend` sends concurrent requests to a server (vLLM, TGI, llama.cpp ...) that
 batches them itself. Both cut replies at the first stop string and report why generation ended.
+
+Tool-calling requests carry the tool schemas (`GenerationRequest.tools`): `TransformersBackend` hands them to the chat
+template, `OpenAIBackend` sends them as the request's `tools`, and a server that answers with structured
+`tool_calls` (vLLM with `--enable-auto-tool-choice --tool-call-parser hermes`) has them written back into the reply
+as the Hermes `<tool_call>` text the tool-calling format parses, so every backend returns text.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..formats.tool_calling import tool_calls_reply, with_argument_dicts
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +62,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     prefix: str = ""
     tools: list[dict[str, Any]] | None = None  # JSON schemas the chat template shows (native tool calling)
+    task_id: str | None = None  # the episode's task, for policies that replay a known solution; never sent to a model
 
 
 @dataclass(frozen=True)
@@ -169,7 +177,8 @@ class TransformersBackend(GenerationBackend):
         from transformers import GenerationConfig
 
         prompts = [
-            self.tokenizer.apply_chat_template(r.messages, tools=r.tools, tokenize=False, add_generation_prompt=True)
+            self.tokenizer.apply_chat_template(with_argument_dicts(r.messages), tools=r.tools, tokenize=False,
+                                               add_generation_prompt=True)
             + r.prefix
             for r in requests
         ]
@@ -303,6 +312,7 @@ class OpenAIBackend(GenerationBackend):
             n=sampling.n,
             stop=list(request.stop) or None,
             extra_body=extra_body or None,
+            **({"tools": request.tools} if request.tools else {}),
         )
         choices = sorted(response.choices, key=lambda choice: choice.index)
         return [self._completion(choice, request.stop) for choice in choices]
@@ -311,6 +321,9 @@ class OpenAIBackend(GenerationBackend):
     def _completion(choice, stop: tuple[str, ...]) -> Completion:
         # Servers drop the stop string themselves; cutting again covers those that include it.
         text, _ = cut_at_stop(choice.message.content or "", stop)
+        calls = getattr(choice.message, "tool_calls", None) or []
+        if calls:
+            text = tool_calls_reply(text, [(call.function.name, call.function.arguments) for call in calls])
         return Completion(text=text, finish_reason="length" if choice.finish_reason == "length" else "stop")
 
     def _call(self, method, *, timeout_option: str = "request_timeout", **kwargs):

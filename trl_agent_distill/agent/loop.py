@@ -273,7 +273,7 @@ class Agent(ABC):
     def _request(self, running: _Running) -> GenerationRequest:
         return GenerationRequest(
             messages=running.episode.messages, sampling=self.sampling, stop=self.stop, prefix=running.prefix,
-            tools=running.episode.tools,
+            tools=running.episode.tools, task_id=running.episode.task.task_id,
         )
 
     def _advance(self, running: _Running, completions: list[Completion]) -> None:
