@@ -41,6 +41,7 @@ from trl.chat_template_utils import (
     is_chat_template_stop_token_trained,
 )
 
+from .formats.tool_calling import with_argument_dicts
 from .segmentation import (
     ACT,
     Span,
@@ -129,8 +130,8 @@ class ChatTemplateRenderer:
         last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
         try:
             return self.tokenizer.apply_chat_template(
-                messages[:last], tools=_parse_tools(tools), chat_template=self.template, tokenize=False,
-                add_generation_prompt=True,
+                with_argument_dicts(messages[:last]), tools=_parse_tools(tools), chat_template=self.template,
+                tokenize=False, add_generation_prompt=True,
             )
         except _TEMPLATE_ERRORS:
             return None
@@ -214,7 +215,7 @@ class _Row:
 
     def __init__(self, renderer: ChatTemplateRenderer, messages: list[dict], tools: Any):
         self.renderer = renderer
-        self.messages = messages
+        self.messages = with_argument_dicts(messages)  # JSON-string arguments (as stored) decoded for the template
         self.tools = tools
         self._renderings: dict[tuple[int, bool], str] = {}
         self._token_starts: list[int] | None = None  # tokenized only when a position must be snapped

@@ -143,7 +143,7 @@ class DemoConfig:
     student_seeds: list[int] = field(
         default_factory=list,
         metadata={"help": "One student per method and seed (re-initialized, data re-shuffled); the report gives each "
-                  "method's mean success and its 95% interval over the seeds. Empty: one student per method, `seed`."},
+                  "method's mean success and its 95 percent interval over the seeds. Empty: one student per method, `seed`."},
     )
     max_length: int = field(default=1024, metadata={"help": "Tokens per training sequence (longer ones are cut)."})
     per_device_train_batch_size: int = field(default=4, metadata={"help": "Trajectories per step."})
