@@ -11,10 +11,10 @@ from transformers import BitsAndBytesConfig
 from trl.experimental.gkd import GKDConfig
 
 from .collator import ON_MALFORMED
+from .envs.base import ENVIRONMENTS
 from .envs.toy import ToyWorld
 from .losses import SPAN_NORMALIZATIONS
 from .segmentation import STYLES
-from .envs.base import ENVIRONMENTS
 from .tasks import AgentTaskConfig, read_task_recipe, task_config_from
 
 LOSS_IMPLEMENTATIONS = ("chunked", "logits")

@@ -9,7 +9,6 @@ from .alfworld import ALFWorldFormat
 from .base import AgentFormat, EnvironmentFormat, ParsedReply, ParseError, TrajectoryFormat, describe_tool, load_prompts
 from .codeact import END_CODE, CodeActFormat, CodeAction, render_execution
 from .react import FINISH, ReActFormat, ToolCall, ToolError
-from .webshop import WebAction, WebShopFormat
 from .tool_calling import (
     TOOL_CALL_PARSERS,
     FunctionCall,
@@ -23,6 +22,7 @@ from .tool_calling import (
     register_tool_call_parser,
     with_argument_dicts,
 )
+from .webshop import WebAction, WebShopFormat
 
 __all__ = [
     "END_CODE",
