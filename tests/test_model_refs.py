@@ -7,6 +7,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from gguf_files import write_llama_gguf
 
 from trl_agent_distill import model_refs
 from trl_agent_distill.model_refs import (
@@ -83,6 +84,16 @@ def test_a_file_not_in_the_package_lists_the_package_gguf_files(model_package):
         gguf_file("tiny_models:tin.gguf")
     with pytest.raises(FileNotFoundError, match=r"the GGUF file .*missing\.gguf does not exist"):
         gguf_file(model_package / "missing.gguf")
+
+
+def test_a_module_or_a_file_that_is_not_gguf_is_named(tmp_path, monkeypatch):
+    (tmp_path / "single_module.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"'single_module', a module, not a package with files"):
+        gguf_file("single_module:model.gguf")
+    (tmp_path / "notes.gguf").write_text("not a model")
+    with pytest.raises(ValueError, match=r"^teacher: .*notes\.gguf is not a readable GGUF file"):
+        check_model_reference(tmp_path / "notes.gguf", "teacher")
 
 
 def test_check_model_reference_accepts_gguf_references_and_names_the_option(tmp_path, model_package, monkeypatch):
@@ -185,22 +196,33 @@ def test_a_failed_conversion_leaves_nothing_in_the_cache(tmp_path, model_cache, 
     assert [entry.name for entry in (model_cache / "models").iterdir() if not entry.name.endswith(".lock")] == []
 
 
-@pytest.fixture
-def tiny_conversion(monkeypatch, make_model, tiny_tokenizer):
-    """GGUF files "convert" to the tiny student or teacher their name says (the real dequantization: the slow test)."""
+def test_a_gguf_file_converts_to_a_checkpoint_with_the_same_logits_tokenizer_and_chat_template(
+    tmp_path, make_model, tiny_tokenizer
+):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    def convert(path, output_dir):
-        make_model("teacher" if "teacher" in path.name else "student").save_pretrained(output_dir)
-        tiny_tokenizer.save_pretrained(output_dir)
+    model = make_model("teacher")
+    path = write_llama_gguf(model, tiny_tokenizer, tmp_path / "teacher.gguf")
+    directory = resolve_model(path)
+    converted = AutoModelForCausalLM.from_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    assert getattr(converted.config, "quantization_config", None) is None  # an ordinary checkpoint, not GGUF-marked
+    assert tokenizer.chat_template == tiny_tokenizer.chat_template
+    text = "Thought: I should search Varnholt.\nAction: Search[Varnholt]"
+    assert tokenizer(text).input_ids == tiny_tokenizer(text).input_ids
+    ids = tiny_tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(converted(ids).logits, model(ids).logits, atol=1e-5)
+    converted.save_pretrained(tmp_path / "resaved")  # what the loaded GGUF model refuses
 
-    monkeypatch.setattr(model_refs, "_convert_gguf", convert)
 
-
-def test_the_model_loaders_accept_gguf_references(tmp_path, tiny_conversion):
+def test_the_model_loaders_accept_gguf_references(tmp_path, make_model, tiny_tokenizer):
     from trl_agent_distill.agent.backends import TransformersBackend
     from trl_agent_distill.cli import main
 
-    student, teacher = write_gguf(tmp_path / "student.gguf"), write_gguf(tmp_path / "teacher.gguf")
+    student = write_llama_gguf(make_model("student"), tiny_tokenizer, tmp_path / "student.gguf")
+    teacher = write_llama_gguf(make_model("teacher"), tiny_tokenizer, tmp_path / "teacher.gguf")
     backend = TransformersBackend.from_pretrained(str(teacher), device="cpu")
     assert backend.model.config.num_hidden_layers == 3 and backend.tokenizer.chat_template
     recipe = ["--config", str(ROOT / "recipes/toy_cpu.yaml"), "--model_name_or_path", str(student),

