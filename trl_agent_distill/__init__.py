@@ -5,7 +5,8 @@
 Making data and measuring students: `generate_trajectories` / `GenerateConfig` (a teacher acting as an agent),
 `evaluate` / `EvalConfig` (students as agents, greedy or self-consistent), `AgentRollouts` (the student's own
 episodes for on-policy training), `run_demo` / `DemoConfig` (the toy-world pipeline), `train` / `cache_teacher`
-(a training recipe's run); the agent runtime is in `trl_agent_distill.agent`, environments in
+(a training recipe's run), `init_student` (a layer-pruned student of a teacher), `resolve_model` (a GGUF file as a
+loadable model directory); the agent runtime is in `trl_agent_distill.agent`, environments in
 `trl_agent_distill.envs`.
 
 The names below load on first use (PEP 562, as TRL's `_LazyModule`): `import trl_agent_distill` and the command
@@ -35,6 +36,7 @@ _EXPORTS = {
     "DemoConfig": "demo",
     "EvalConfig": "evaluation",
     "GenerateConfig": "generation",
+    "InitStudentConfig": "student_init",
     "Span": "segmentation",
     "SpanLossOutput": "losses",
     "TrajectoryFormatError": "segmentation",
@@ -44,7 +46,9 @@ _EXPORTS = {
     "evaluate": "evaluation",
     "from_smolagents_log": "data",
     "generate_trajectories": "generation",
+    "init_student": "student_init",
     "prepare_trajectory_dataset": "data",
+    "resolve_model": "model_refs",
     "run_demo": "demo",
     "score_answer": "metrics",
     "segment_messages": "segmentation",
@@ -78,8 +82,10 @@ if TYPE_CHECKING:  # the names for type checkers and IDEs; `__all__` lists them 
     from .generation import GenerateConfig, generate_trajectories  # noqa: F401
     from .losses import SpanLossOutput, span_divergence_loss  # noqa: F401
     from .metrics import answers_match, score_answer  # noqa: F401
+    from .model_refs import resolve_model  # noqa: F401
     from .rollout import AgentRollouts  # noqa: F401
     from .segmentation import Span, TrajectoryFormatError, segment_messages, segment_text  # noqa: F401
+    from .student_init import InitStudentConfig, init_student  # noqa: F401
     from .tasks import AgentTaskConfig  # noqa: F401
     from .trainer import AgentDistillTrainer  # noqa: F401
     from .training import AgentDistillScriptArguments, cache_teacher, train  # noqa: F401

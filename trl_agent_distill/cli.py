@@ -5,6 +5,7 @@
     trl-agent-distill eval --config recipes/eval-hotpotqa.yaml
     trl-agent-distill cache-teacher --config recipes/toy_cpu.yaml --teacher_cache outputs/toy_cache
     trl-agent-distill init-tiny --output_dir outputs/toy
+    trl-agent-distill init-student --teacher outputs/teacher --output_dir outputs/student --fraction 0.33
     trl-agent-distill demo --config recipes/toy_demo.yaml [--stages eval report]
     trl-agent-distill <command> ... --debug   # a user error shows its traceback too
 
@@ -12,7 +13,7 @@ Each command has its own parser (`make_parser` below, TRL's `TrlParser` over the
 command-line flags override the YAML), built only when the command runs, so `--help` loads no model library.
 `check_recipe` adds what `TrlParser` does not check before the dataclasses are built: unknown keys with a
 suggestion, values of the wrong type or outside the choices. Every model a recipe names is checked before any work
-starts (`model_refs`). A user error (a bad key or value, a missing file, a malformed row) prints one message and
+starts (`model_refs`: a directory, a hub name, or a GGUF file, converted once). A user error (a bad key or value, a missing file, a malformed row) prints one message and
 exits with status 2. `train` also works under `accelerate launch -m trl_agent_distill train ...`.
 """
 
@@ -26,6 +27,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .model_refs import MissingPackageError
 
 PROG = "trl-agent-distill"
 
@@ -64,6 +67,14 @@ def make_demo_parser(prog: str = f"{PROG} demo"):
     return TrlParser((DemoConfig,), prog=prog)
 
 
+def make_init_student_parser(prog: str = f"{PROG} init-student"):
+    from trl import TrlParser
+
+    from .student_init import InitStudentConfig
+
+    return TrlParser((InitStudentConfig,), prog=prog)
+
+
 def make_init_tiny_parser(prog: str = f"{PROG} init-tiny"):
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -95,6 +106,11 @@ def parse_eval_args(argv: list[str]):
 
 def parse_demo_args(argv: list[str]):
     (config,) = parse_checked(make_demo_parser(), argv)
+    return config
+
+
+def parse_init_student_args(argv: list[str]):
+    (config,) = parse_checked(make_init_student_parser(), argv)
     return config
 
 
@@ -252,6 +268,20 @@ def run_init_tiny(argv: list[str]) -> tuple[Path, Path]:
     return teacher, student
 
 
+def run_init_student(argv: list[str]) -> Path:
+    from .model_refs import check_model_reference
+    from .student_init import init_student
+
+    config = parse_init_student_args(argv)
+    if not config.teacher or not config.output_dir:
+        raise ValueError("init-student needs --teacher (the model to prune) and --output_dir (where the student goes).")
+    check_model_reference(config.teacher, "teacher")
+    output = init_student(config.teacher, config.output_dir, keep_layers=config.keep_layers, fraction=config.fraction,
+                          overwrite=config.overwrite)
+    print(f"Saved the student to {output}")
+    return output
+
+
 @dataclass(frozen=True)
 class Command:
     help: str
@@ -268,11 +298,15 @@ COMMANDS = {
     "cache-teacher": Command("run the recipe's teacher once and store its top-k log-probs (then train with "
                              "teacher_cache)", run_cache_teacher),
     "init-tiny": Command("write the tiny CPU demo models", run_init_tiny),
+    "init-student": Command("make a smaller student from a teacher by keeping some of its layers (same tokenizer)",
+                            run_init_student),
 }
 
 # What a user can get wrong (a recipe, a path, a row, a value; and a model server that is down, `BackendError`): one
-# message, no traceback. A `JSONDecodeError` or a `TrajectoryFormatError` is a `ValueError`.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+# message, no traceback. A `JSONDecodeError` or a `TrajectoryFormatError` is a `ValueError`; a model reference whose
+# package is not installed says what to pip install (`MissingPackageError`).
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                                                MissingPackageError)
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -20,6 +20,7 @@ from .collator import AgentTrajectoryCollator
 from .config import AgentDistillConfig
 from .data import DATASET_FORMATS, load_any_dataset, prepare_trajectory_dataset
 from .encoding import encode_dataset
+from .model_refs import resolve_model
 from .quantization import keep_4bit_training_layout
 from .teacher_cache import build_teacher_cache, run_fingerprint
 from .trainer import AgentDistillTrainer
@@ -66,6 +67,9 @@ def load_trajectory_splits(script_args: AgentDistillScriptArguments, dataset_arg
 def train(script_args: AgentDistillScriptArguments, training_args: AgentDistillConfig, model_args: ModelConfig,
           dataset_args: DatasetMixtureConfig) -> AgentDistillTrainer:
     """Train, save the model and `trainer_state.json` (the log history) to `output_dir`; returns the trainer."""
+    if model_args.model_name_or_path:
+        model_args.model_name_or_path = resolve_model(model_args.model_name_or_path)
+    resolve_teacher(training_args)
     training_args.model_init_kwargs = {
         "revision": model_args.model_revision,
         "trust_remote_code": training_args.trust_remote_code,
@@ -112,6 +116,7 @@ def cache_teacher(script_args: AgentDistillScriptArguments, training_args: Agent
     args = training_args
     if not args.teacher_cache or not args.teacher_model_name_or_path:
         raise ValueError("cache-teacher needs `teacher_model_name_or_path` and `teacher_cache` (the output folder).")
+    resolve_teacher(args)
     state = PartialState(cpu=args.use_cpu)
     tokenizer = AutoTokenizer.from_pretrained(args.teacher_model_name_or_path, trust_remote_code=args.trust_remote_code)
     splits = load_trajectory_splits(script_args, dataset_args)
@@ -139,6 +144,13 @@ def cache_teacher(script_args: AgentDistillScriptArguments, training_args: Agent
     if state.is_main_process:
         print(f"Teacher cache for {len(dataset)} rows (top-{args.teacher_cache_topk}) written to {path}")
     return path
+
+
+def resolve_teacher(args: AgentDistillConfig) -> None:
+    """Point `teacher_model_name_or_path` at a loadable directory (a GGUF teacher converted once). Done even when
+    a teacher cache stands in for the teacher: the cache records the teacher it was built from, and a run compares."""
+    if args.teacher_model_name_or_path:
+        args.teacher_model_name_or_path = resolve_model(args.teacher_model_name_or_path)
 
 
 def format_span_losses(log_history: list[dict]) -> str:

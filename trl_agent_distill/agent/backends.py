@@ -131,7 +131,8 @@ class TransformersBackend(GenerationBackend):
     @classmethod
     def from_pretrained(cls, model_name_or_path: str, *, dtype: str = "auto", device: str | None = None,
                         batch_size: int = 16, **model_kwargs: Any) -> TransformersBackend:
-        """Load a hub model, a local directory, or a PEFT (LoRA) adapter directory on top of its base model.
+        """Load a hub model, a local directory, a GGUF file (`model_refs.resolve_model`), or a PEFT (LoRA) adapter
+        directory on top of its base model.
 
         `model_kwargs` go to `from_pretrained` (e.g. a 4-bit `quantization_config`); `device` defaults to the
         accelerator when there is one.
@@ -141,6 +142,9 @@ class TransformersBackend(GenerationBackend):
         from accelerate import PartialState
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from ..model_refs import resolve_model
+
+        model_name_or_path = resolve_model(model_name_or_path)
         adapter = Path(model_name_or_path, "adapter_config.json").is_file()
         if adapter:
             from peft import PeftConfig
