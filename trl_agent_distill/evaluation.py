@@ -27,6 +27,7 @@ from .agent.loop import Episode, SelfConsistency, Task
 from .episode_metrics import cot_match_rate, reasoning_lengths
 from .jsonl import ResumableJsonl, check_same_settings, read_jsonl
 from .metrics import extract_boxed, score_answer
+from .model_refs import resolve_model
 from .storage import as_stored, lock_directory, model_files_identity, read_json, write_json
 from .tasks import AgentTaskConfig, build_agent, check_resumed_tasks, cot_messages, load_backend, load_tasks
 
@@ -312,7 +313,7 @@ def evaluate(config: EvalConfig, backends: dict[str, GenerationBackend] | None =
                 given = (backends or {}).get(model.label)
                 backend = given or load_backend(model.model, config, base_url=model.base_url)
                 # A model retrained at the same path is another model: its files' identity is part of the settings.
-                files = None if model.base_url else model_files_identity(model.model)
+                files = None if model.base_url else model_files_identity(resolve_model(model.model))
                 try:
                     model_rows = []
                     for setting in settings_of(config):

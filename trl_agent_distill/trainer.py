@@ -44,6 +44,7 @@ from .losses import (
     span_divergence_loss,
     span_normalizers,
 )
+from .model_refs import resolve_model
 from .quantization import keep_4bit_training_layout
 from .rollout import AgentRollouts
 from .storage import check_writable_directory
@@ -112,6 +113,8 @@ class AgentDistillTrainer(GKDTrainer):
         if formatting_func is not None:
             raise ValueError("formatting_func is not supported: give rows with 'messages' or 'text' instead.")
         check_writable_directory(args.output_dir, "output_dir")  # before encoding, model loading and training
+        # A GGUF file (path or `package:file`) becomes its converted directory; other references are unchanged.
+        model = resolve_model(model) if isinstance(model, str) else model
         teacher_wanted = args.needs_teacher or (args.uses_divergence and eval_dataset is not None)
         if teacher_model is None and teacher_wanted:  # a teacher cache alone needs no teacher weights
             teacher_model = args.teacher_model_name_or_path
@@ -120,6 +123,8 @@ class AgentDistillTrainer(GKDTrainer):
                 "No teacher: pass teacher_model= or set teacher_model_name_or_path. Only the pure cross-entropy "
                 "baseline (lambda_reason = lambda_act = 0, lambda_ce > 0, lmbda = 0) runs without one."
             )
+        if isinstance(teacher_model, str):
+            teacher_model = resolve_model(teacher_model)
         if args.teacher_model_init_kwargs is not None and teacher_model is not None and not isinstance(teacher_model, str):
             raise ValueError("teacher_model_init_kwargs was set, but the teacher model is already instantiated.")
 
