@@ -384,8 +384,9 @@ def evaluate_models(config: DemoConfig) -> dict[str, Any]:
     for mode, models in modes:
         result = evaluate(_agent_task_config(
             config, EvalConfig, models=models, modes=[mode], self_consistency=agent_settings,
-            dataset_split="test", cot_max_new_tokens=128,
-            output_dir=str(config.path("eval") / mode),
+            dataset_split="test", cot_max_new_tokens=128, output_dir=str(config.path("eval") / mode),
+            # SAD's CoT match rate against the expert's own episodes on the test tasks
+            reference_episodes=str(config.path("oracle_test") / "episodes.jsonl") if config.environment else None,
         ))
         runs += result["runs"]
         tasks = result["tasks"]
