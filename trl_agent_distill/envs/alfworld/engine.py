@@ -117,7 +117,10 @@ def load_engine(data_dir: str | Path | None = None) -> Engine:
 
 
 def _import_modules() -> SimpleNamespace:
+    # Imported here, not at the top: the package must not be imported before ALFWORLD_DATA is set (see above).
     try:
+        import alfworld.gen.constants as constants
+        import alfworld.gen.goal_library as goal_library
         import alfworld.info as info
         import textworld
         from alfworld.agents.environment.alfred_tw_env import (
@@ -126,11 +129,13 @@ def _import_modules() -> SimpleNamespace:
             AlfredInfos,
             AlfredTWEnv,
         )
+        from alfworld.agents.utils.misc import add_task_to_grammar
         from textworld.envs import PddlEnv
     except ImportError as error:
         raise ImportError(f"{INSTALL_HINT} ({error})") from error
     return SimpleNamespace(info=info, textworld=textworld, PddlEnv=PddlEnv, AlfredDemangler=AlfredDemangler,
-                           AlfredInfos=AlfredInfos, AlfredExpert=AlfredExpert, AlfredTWEnv=AlfredTWEnv)
+                           AlfredInfos=AlfredInfos, AlfredExpert=AlfredExpert, AlfredTWEnv=AlfredTWEnv,
+                           constants=constants, goal_library=goal_library, add_task_to_grammar=add_task_to_grammar)
 
 
 @contextlib.contextmanager

@@ -76,6 +76,8 @@ class ALFWorldExpert:
         for game in games:
             self._by_task.setdefault(game_task(game), []).append(game)
         self._openings: dict[Path, str] = {}
+        # (game, the (command, observation) steps up to the first one it answers otherwise): never tried again.
+        self._rejected: set[tuple[Path, tuple[tuple[str, str], ...]]] = set()
         # (game, commands so far) -> the session in that state; the oldest are closed beyond _MAX_SESSIONS.
         self._sessions: OrderedDict[tuple[Path, tuple[str, ...]], _Session] = OrderedDict()
         self._lock = threading.Lock()
@@ -123,11 +125,14 @@ class ALFWorldExpert:
                 return session
             self._keep(key, session)  # the state another episode of this game is in
             return None
+        steps = tuple(zip(commands, seen))
+        if any((game, steps[:length]) in self._rejected for length in range(1, len(steps) + 1)):
+            return None
         session = self._start(game)
-        for command in commands:
-            session.step(command)
-            if session.observations[-1] != seen[len(session.observations) - 1]:
+        for index, command in enumerate(commands):
+            if session.step(command) != seen[index]:
                 session.game.close()
+                self._rejected.add((game, steps[: index + 1]))
                 return None
         return session
 

@@ -174,9 +174,7 @@ def _make_room(rng: random.Random) -> _Room:
 
 def _make_scene(rng: random.Random, room: _Room, task_type: str) -> _Scene | None:
     """A task in `room` with its objects placed, or None when the room cannot hold one of that type."""
-    import alfworld.gen.constants as constants  # loaded with the engine (`load_engine`)
-    import alfworld.gen.goal_library as goals
-
+    constants, goals = _alfred()
     holds = constants.VAL_RECEPTACLE_OBJECTS
     kinds = {receptacle.kind for receptacle in room.receptacles}
     change = _CHANGES.get(task_type)
@@ -226,9 +224,7 @@ def _mangle(name: str) -> str:
 # ---------------------------------------------------------------------------------------------- files
 def _problem(scene: _Scene, name: str) -> str:
     """The scene as a PDDL problem in ALFWorld's ALFRED domain."""
-    import alfworld.gen.constants as constants
-    import alfworld.gen.goal_library as goals
-
+    constants, goals = _alfred()
     room = scene.room
     # Only the kinds in the room, and those the domain names in its actions: the planner grounds every pair.
     receptacle_kinds = sorted({receptacle.kind for receptacle in room.receptacles} | set(_DOMAIN_RECEPTACLES))
@@ -258,9 +254,13 @@ def _problem(scene: _Scene, name: str) -> str:
     return "\n".join(lines + ["        )", goal])
 
 
-def _write_game(game_dir: Path, scene: _Scene, *, domain: str, grammar: str, engine: Any) -> None:
-    from alfworld.agents.utils.misc import add_task_to_grammar
+def _alfred() -> tuple[Any, Any]:
+    """ALFRED's constants (receptacles, what each holds, which objects can be heated ...) and ALFWorld's goals."""
+    modules = load_engine().modules
+    return modules.constants, modules.goal_library
 
+
+def _write_game(game_dir: Path, scene: _Scene, *, domain: str, grammar: str, engine: Any) -> None:
     # ALFRED's traj_data: the task's parameters and its sentence (as a human annotation, which is how
     # `add_task_to_grammar` takes a given sentence instead of drawing a template with the global random state).
     traj_data = {
@@ -273,7 +273,8 @@ def _write_game(game_dir: Path, scene: _Scene, *, domain: str, grammar: str, eng
     }
     game = {
         "pddl_domain": domain,
-        "grammar": add_task_to_grammar(grammar, traj_data, goal_desc_human_anns_prob=1.0, rng=random.Random(0)),
+        "grammar": engine.modules.add_task_to_grammar(grammar, traj_data, goal_desc_human_anns_prob=1.0,
+                                                      rng=random.Random(0)),
         "pddl_problem": _problem(scene, game_dir.name),
         "solvable": True,
     }
