@@ -192,7 +192,8 @@ def test_a_missing_data_directory_or_package_fails_in_the_constructor(tmp_path, 
     import importlib.util
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "alfworld" else find_spec(name, *args))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "alfworld" else find_spec(name, *args))
     with pytest.raises(ImportError, match=r"pip install alfworld==0.4.2 \(missing: alfworld\)"):
         ALFWorldSuite(ALFWorldOptions(scenes_dir=str(tmp_path)))
 
@@ -259,3 +260,13 @@ def test_task_setup_must_name_a_game(suite):
     environment = suite.make()
     with pytest.raises(Exception, match="does not exist"):
         environment.reset(Task("x", "put a mug in cabinet", setup="/nonexistent/game.tw-pddl"))
+
+
+def test_the_handcoded_expert_explores_and_solves_a_scene(suite):
+    """ALFWorld's hand-coded expert knows only what it has seen: it looks around before it finds the object."""
+    handcoded = ALFWorldSuite(ALFWorldOptions(data_path=str(suite.data_root), task_types=list(TASK_TYPES),
+                                              expert_type="handcoded"))
+    task = next(task for task in handcoded.tasks("test") if "pick_heat_then_place_in_recep" in task.task_id)
+    (episode,) = EnvironmentAgent(handcoded, max_steps=50).run(PolicyBackend(handcoded.expert()), [task])
+    assert episode.success is True and episode.invalid_actions == 0, episode.errors
+    assert episode.messages[4]["content"] == "look"  # it starts by looking around, as ALFWorld's expert does

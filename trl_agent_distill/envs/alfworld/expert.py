@@ -221,7 +221,7 @@ def _steps(messages: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
 
 
 def game_task(game: Path) -> str:
-    """The task sentence of a game (its `Task.question`), read from its grammar (where `add_task_to_grammar` wrote it)."""
+    """The task sentence of a game (its `Task.question`), from its grammar (where `add_task_to_grammar` put it)."""
     grammar = json.loads(Path(game).read_text(encoding="utf-8"))["grammar"]
     match = _TASK_IN_GRAMMAR.search(grammar)
     if match is None:

@@ -59,7 +59,7 @@ _CHANGES = {
 # Where a task never asks to put things (ALFWorld's tasks do not either).
 _NOT_A_TARGET = {"GarbageCan", "StoveBurner", "CoffeeMachine", "Toaster"}
 _MAX_ATTEMPTS = 200
-# Types the ALFRED domain's actions name (cleaning needs a sink basin, slicing a knife ...): every problem declares them.
+# Types the ALFRED domain's actions name (cleaning needs a sink basin, slicing a knife ...): every problem has them.
 _DOMAIN_RECEPTACLES = ("SinkBasin", "Microwave", "Fridge")
 _DOMAIN_OBJECTS = ("Knife", "ButterKnife")
 
@@ -126,7 +126,8 @@ def generate_scenes(directory: str | Path, *, num_train: int, num_test: int, see
         scenes = plan_scenes(num_train=num_train, num_test=num_test, seed=seed, task_types=task_types)
         for split, split_scenes in scenes.items():
             for index, scene in enumerate(split_scenes):
-                game_dir = root / DATA_DIR_NAME / SPLIT_DIRS[split] / scene.directory / f"trial_s{seed}_{split}_{index:05d}"
+                trial = f"trial_s{seed}_{split}_{index:05d}"
+                game_dir = root / DATA_DIR_NAME / SPLIT_DIRS[split] / scene.directory / trial
                 _write_game(game_dir, scene, domain=domain, grammar=grammar, engine=engine)
 
     return publish_folder(target, write, fingerprint)
@@ -162,12 +163,12 @@ def plan_scenes(*, num_train: int, num_test: int, seed: int, task_types: Sequenc
 # ---------------------------------------------------------------------------------------------- rooms and scenes
 def _make_room(rng: random.Random) -> _Room:
     points: set[str] = set()
+    ids: set[str] = set()
     receptacles = []
     for kind, (fewest, most) in _KITCHEN.items():
         for _ in range(rng.randint(fewest, most)):
-            mangled = _mangle(f"{kind}|{_coordinates(rng)}")
-            if kind == "SinkBasin":  # ALFRED names a sink's basin after the sink
-                mangled = _mangle(f"Sink|{_coordinates(rng)}|SinkBasin")
+            # ALFRED names a sink's basin after the sink.
+            mangled = _new_id(rng, ids, "Sink", "|SinkBasin") if kind == "SinkBasin" else _new_id(rng, ids, kind)
             receptacles.append(_Receptacle(kind, mangled, _location(rng, points)))
     return _Room(tuple(receptacles), _location(rng, points))
 
@@ -195,20 +196,28 @@ def _make_scene(rng: random.Random, room: _Room, task_type: str) -> _Scene | Non
     placements = [(target, rng.choice(sources)) for _ in range(copies)]
     for kind in rng.sample([kind for kind in _OBJECTS if kind != target], rng.randint(2, 6)):
         fitting = [r for r in room.receptacles if kind in holds.get(r.kind, ())]
-        placements += [(kind, rng.choice(fitting))] * bool(fitting)
+        if fitting:
+            placements.append((kind, rng.choice(fitting)))
     template = rng.choice(goals.gdict[task_type]["templates"])
     sentence = template.format(obj=target.lower(), recep=parent.lower())
-    placed = tuple((kind, _mangle(f"{kind}|{_coordinates(rng)}"), receptacle) for kind, receptacle in placements)
+    ids: set[str] = set()
+    placed = tuple((kind, _new_id(rng, ids, kind), receptacle) for kind, receptacle in placements)
     return _Scene(room, task_type, target, parent, sentence, placed)
 
 
-def _coordinates(rng: random.Random) -> str:
-    return "|".join(f"{rng.uniform(-3, 3):+06.2f}" for _ in range(3))
+def _new_id(rng: random.Random, taken: set[str], kind: str, suffix: str = "") -> str:
+    """A fresh ALFRED id: the kind and where it stands (x, y, z in metres), e.g. ``Apple|+01.00|+00.90|-01.25``."""
+    while True:
+        mangled = _mangle(f"{kind}|" + "|".join(f"{rng.uniform(-3, 3):+06.2f}" for _ in range(3)) + suffix)
+        if mangled not in taken:
+            taken.add(mangled)
+            return mangled
 
 
 def _location(rng: random.Random, taken: set[str]) -> str:
     while True:
-        point = "loc|" + "|".join(str(rng.randint(-12, 12)) for _ in range(2)) + f"|{rng.randint(0, 3)}|{rng.choice((-30, 0, 30, 45, 60))}"
+        x, z = rng.randint(-12, 12), rng.randint(-12, 12)
+        point = f"loc|{x}|{z}|{rng.randint(0, 3)}|{rng.choice((-30, 0, 30, 45, 60))}"  # ALFRED: x, z, turn, look
         if point not in taken:
             taken.add(point)
             return _mangle(point)
@@ -242,7 +251,8 @@ def _problem(scene: _Scene, name: str) -> str:
               for held in sorted(constants.VAL_RECEPTACLE_OBJECTS.get(kind, ())) if held in object_kinds]
     for kind, object_id, receptacle in scene.placements:
         facts += [f"(objectType {object_id} {kind}Type)", f"(pickupable {object_id})",
-                  f"(inReceptacle {object_id} {receptacle.id})", f"(objectAtLocation {object_id} {receptacle.location})"]
+                  f"(inReceptacle {object_id} {receptacle.id})",
+                  f"(objectAtLocation {object_id} {receptacle.location})"]
         facts += [f"({verb} {object_id})" for verb, group in (("cleanable", "Cleanable"), ("heatable", "Heatable"),
                                                              ("coolable", "Coolable"))
                   if kind in constants.VAL_ACTION_OBJECTS[group]]

@@ -79,7 +79,8 @@ class ALFWorldSuite(EnvironmentSuite):
     def __init__(self, options: ALFWorldOptions | None = None):
         self.options = options or ALFWorldOptions()
         self.max_steps = self.options.max_steps
-        missing = [name for name in ("alfworld", "textworld", "fast_downward") if importlib.util.find_spec(name) is None]
+        missing = [name for name in ("alfworld", "textworld", "fast_downward")
+                   if importlib.util.find_spec(name) is None]
         if missing:
             raise ImportError(f"{INSTALL_HINT} (missing: {', '.join(missing)})")
         if self.options.data_path is not None:
