@@ -31,6 +31,7 @@ def suite(tmp_path_factory):
 def expert_episodes(suite):
     tasks = suite.tasks("train") + suite.tasks("test")
     agent = EnvironmentAgent(suite, max_steps=suite.max_steps)
+    # Four episodes in flight, each on its own engine in its own thread (they fail if the engine lock is missing).
     return list(agent.run(PolicyBackend(suite.expert()), tasks, batch_size=4))
 
 
