@@ -271,3 +271,20 @@ def test_the_handcoded_expert_explores_and_solves_a_scene(suite):
     (episode,) = EnvironmentAgent(handcoded, max_steps=50).run(PolicyBackend(handcoded.expert()), [task])
     assert episode.success is True and episode.invalid_actions == 0, episode.errors
     assert episode.messages[4]["content"] == "look"  # it starts by looking around, as ALFWorld's expert does
+
+
+def test_expert_thoughts_follow_the_task_type():
+    from trl_agent_distill.envs.alfworld.expert import _Goal, _note, _plan_thought
+
+    look = _Goal("look_at_obj_in_light", "book", "", "desklamp")
+    plan = ["go to desk 1", "take book 1 from desk 1", "go to sidetable 1", "use desklamp 1"]
+    assert _plan_thought(look, plan) == ("To solve the task, I need to find and take a book, then find and use a "
+                                         "desklamp. First I need to find a book. I will look in desk 1 first.")
+    assert _note(look, "go to desk 1", "On the desk 1, you see a book 1.", plan[1:], ["go to desk 1"]) == (
+        "Now I find book 1. Next, I need to take it.")
+    assert _note(look, "take book 1 from desk 1", "You pick up the book 1 from the desk 1.", plan[2:], []) == (
+        "Now I take book 1. Next, I need to find a desklamp and use it.")
+    cool = _Goal("pick_cool_then_place_in_recep", "apple", "countertop", "")
+    assert _note(cool, "cool apple 1 with fridge 1", "You cool the apple 1 using the fridge 1.", ["go to countertop 1"],
+                 []) == "Now I cool apple 1. Next, I need to put it in countertop."
+    assert _note(cool, "go to fridge 1", "Nothing happens.", ["take apple 1 from fridge 1"], []) is None

@@ -46,7 +46,8 @@ _MAX_SESSIONS = 256
 class _Goal:
     task_type: str
     target: str  # "apple"
-    parent: str  # "diningtable"
+    parent: str  # "diningtable" (empty for look_at_obj_in_light)
+    toggle: str  # "desklamp" (look_at_obj_in_light only)
 
 
 class _Session:
@@ -170,7 +171,9 @@ class ALFWorldExpert:
 def _plan_thought(goal: _Goal, plan: list[str]) -> str:
     target = goal.target
     change = _CHANGES.get(goal.task_type)
-    if goal.task_type == "pick_two_obj_and_place":
+    if goal.task_type == "look_at_obj_in_light":
+        steps = f"find and take a {target}, then find and use a {goal.toggle}"
+    elif goal.task_type == "pick_two_obj_and_place":
         steps = f"find and take the first {target}, then put it in {goal.parent}, then find and take the second " \
                 f"{target}, then put it in {goal.parent}"
     elif change is not None:
@@ -195,6 +198,8 @@ def _note(goal: _Goal, command: str, observation: str, plan: list[str], commands
     if taken:
         if change is not None:
             return f"Now I take {taken.group('object')}. Next, I need to go to {change[1]} and {change[0]} it."
+        if goal.task_type == "look_at_obj_in_light":
+            return f"Now I take {taken.group('object')}. Next, I need to find a {goal.toggle} and use it."
         return f"Now I take {taken.group('object')}. Next, I need to put it in {goal.parent}."
     changed = _CHANGE.fullmatch(command)
     if changed:
@@ -232,6 +237,8 @@ def game_task(game: Path) -> str:
 def _game_goal(game: Path) -> _Goal:
     traj_data = json.loads((Path(game).parent / "traj_data.json").read_text(encoding="utf-8"))
     params = traj_data["pddl_params"]
-    return _Goal(traj_data["task_type"], params["object_target"].lower(), params["parent_target"].lower())
+    target, parent, toggle = (str(params.get(key) or "").lower()
+                              for key in ("object_target", "parent_target", "toggle_target"))
+    return _Goal(traj_data["task_type"], target, parent, toggle)
 
 
