@@ -248,3 +248,59 @@ def test_alfworld_segments_like_the_style():
     text = "You are in a room.\n> think: find an apple.\nOK.\n> go to countertop 1\nYou arrive."
     assert ALFWorldFormat().segment(text, assistant=False) == segment_text(text, style="alfworld")
     assert [span.kind for span in segment_text(text, style="alfworld")] == ["other", "reason", "obs", "act", "obs"]
+
+
+# ---------------------------------------------------------------------------------------------- alfworld protocol
+alfworld_step = st.one_of(st.tuples(st.just("think"), one_line), st.tuples(st.just("act"), one_line))
+
+
+@PROPERTY
+@given(opening=prose, steps=st.lists(alfworld_step, min_size=1, max_size=5), observations=st.lists(prose, min_size=5,
+       max_size=5), tail=anything)
+def test_alfworld_segments_back_what_it_writes(opening, steps, observations, tail):
+    """Episodes written in the format (a thought answered "OK.", an action answered by the engine) segment back:
+    thought -> REASON, action -> ACT; observations are user turns (chat) or OBS lines (ReAct's transcript)."""
+    fmt = ALFWorldFormat()
+    messages = [{"role": "system", "content": fmt.system_prompt()}, {"role": "user", "content": fmt.task_message(opening)}]
+    expected = [[Span("other", 0, len(message["content"]))] for message in messages]
+    transcript = [("other", fmt.task_message(opening))]
+    for (kind, text), engine_text in zip(steps, observations):
+        written = fmt.write(text, None) if kind == "think" else fmt.write(None, text)
+        parsed = fmt.parse(written + fmt.stop[0] + tail)  # what follows the line was never carried out
+        assert isinstance(parsed, ParsedReply) and parsed.content == written
+        assert parsed.action == (f"think: {text.strip()}" if kind == "think" else " ".join(text.split()))
+        answer = fmt.reply_without_environment(parsed.action)
+        assert (answer == "OK.") == (kind == "think")
+        observation = fmt.render(answer if answer is not None else engine_text)
+        span_kind = "reason" if kind == "think" else "act"
+        messages += [{"role": "assistant", "content": parsed.content}, {"role": "user", "content": observation}]
+        expected += [[Span(span_kind, 0, len(parsed.content))], [Span("other", 0, len(observation))]]
+        transcript += [(span_kind, f"> {parsed.content}"), ("obs", observation)]
+    # Auto-detection needs an ALFWorld marker: a `think:` line (bare commands look like any prose).
+    for style in ("alfworld", "auto") if any(kind == "think" for kind, _ in steps) else ("alfworld",):
+        assert segment_messages(messages, style=style) == expected
+    text, spans = transcript_spans(transcript)
+    assert segment_text(text, style="alfworld") == spans
+
+
+def test_alfworld_reads_one_line_per_reply():
+    fmt = ALFWorldFormat()
+    assert fmt.stop == ("\n",)
+    assert fmt.parse("\n  > go  to   Fridge 1  \nYou arrive at fridge 1.") == ParsedReply("\n  > go  to   Fridge 1  ",
+                                                                                         "go to Fridge 1")
+    assert fmt.parse("THINK :  the apple is cold").action == "think: the apple is cold"
+    assert fmt.action_key("go to Fridge 1") == fmt.action_key("go to fridge 1") == "go to fridge 1"
+    assert fmt.action_key("think: a") == fmt.action_key("think: b")  # thoughts never reach the engine: one vote
+    with pytest.raises(ValueError, match="give a thought or an action, not both or neither"):
+        fmt.write("a thought", "look")
+
+
+def test_alfworld_parse_errors_say_what_to_write():
+    fmt = ALFWorldFormat()
+    empty = fmt.parse(" \n\n")
+    assert empty == ParseError("", "Error: the reply is empty. Reply with one line: an action such as 'go to "
+                                   "countertop 1', or 'think: ...' for a thought.")
+    assert fmt.observation_text(empty) == empty.message and fmt.render(empty) == empty.message
+    assert fmt.parse("go to cabi", truncated=True).message.startswith(
+        "Error: the reply ran out of tokens before its line was complete.")
+    assert fmt.task_message("You are in the middle of a room.") == "You are in the middle of a room."
