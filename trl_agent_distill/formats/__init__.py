@@ -1,8 +1,9 @@
 """One object per agent protocol: what the agent is prompted with and writes, and what the segmenter reads.
 
-`CodeActFormat`, `ReActFormat` and `ToolCallingFormat` (native tool calls through the chat template) are
-`AgentFormat`s (prompts, stop strings, `parse`, `render`, `write`, `segment`); `ALFWorldFormat` only segments for now. `segment_text(style=...)` dispatches to these objects, and the
-agent loops speak through them, so what an agent writes is read back by the same rules.
+`CodeActFormat` and `ReActFormat` are `AgentFormat`s (prompts, stop strings, `parse`, `render`, `write`,
+`segment`); `ALFWorldFormat`, `WebShopFormat` and `ToolCallingFormat` (native tool calls through the chat template)
+are `EnvironmentFormat`s, spoken in interactive environments. `segment_text(style=...)` dispatches to these objects,
+and the agent loops speak through them, so what an agent writes is read back by the same rules.
 """
 
 from .alfworld import ALFWorldFormat

@@ -1,8 +1,8 @@
 """What every agent protocol provides: how to read a trajectory (`TrajectoryFormat`) and how to speak it
 (`AgentFormat`).
 
-A `TrajectoryFormat` only segments: it finds REASON / ACT / OBS / OTHER spans in text written in its protocol (ALFWorld
-is one until its environment exists). An `AgentFormat` is also what an agent loop talks to the model with: its
+A `TrajectoryFormat` only segments: it finds REASON / ACT / OBS / OTHER spans in text written in its protocol. An
+`AgentFormat` is also what an agent loop talks to the model with: its
 system prompt and task message (package data files under `prompts/`, as smolagents keeps its prompts), its stop
 strings, `parse(reply)` into an action or a parse error, `render(observation)` into the text the model reads next,
 and `write(thought, action)`, the reply a model that follows the format sends. Each format segments back exactly
