@@ -256,6 +256,10 @@ def _build_environment_world(config: DemoConfig) -> dict[str, Any]:
             backend=PolicyBackend(expert),
         )
         facts[f"expert_solved_{split}"] = f"{summary['correct']}/{summary['episodes']}"
+        if summary["kept"] == 0:
+            raise RuntimeError(f"The expert won none of the {summary['episodes']} {split} tasks in "
+                               f"{config.max_agent_steps} steps, so there is nothing to learn from; raise "
+                               f"max_agent_steps (see {config.path(output) / 'episodes.jsonl'}).")
     config.path("world").mkdir(parents=True)
     write_jsonl(config.path("cot_data"), [])  # no chain-of-thought answers in an environment
     return facts
