@@ -47,6 +47,7 @@ _EXPORTS = {
     "prepare_trajectory_dataset": "data",
     "run_demo": "demo",
     "score_answer": "metrics",
+    "score_answers": "metrics",
     "segment_messages": "segmentation",
     "segment_text": "segmentation",
     "span_divergence_loss": "losses",
@@ -77,7 +78,7 @@ if TYPE_CHECKING:  # the names for type checkers and IDEs; `__all__` lists them 
     from .evaluation import EvalConfig, evaluate  # noqa: F401
     from .generation import GenerateConfig, generate_trajectories  # noqa: F401
     from .losses import SpanLossOutput, span_divergence_loss  # noqa: F401
-    from .metrics import answers_match, score_answer  # noqa: F401
+    from .metrics import answers_match, score_answer, score_answers  # noqa: F401
     from .rollout import AgentRollouts  # noqa: F401
     from .segmentation import Span, TrajectoryFormatError, segment_messages, segment_text  # noqa: F401
     from .tasks import AgentTaskConfig  # noqa: F401
