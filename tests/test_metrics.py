@@ -8,6 +8,7 @@ import pytest
 from trl_agent_distill.metrics import (
     MathGrader,
     answers_match,
+    default_math_grader,
     exact_match,
     extract_boxed,
     math_source,
@@ -214,6 +215,22 @@ def test_grading_works_from_threads():
         results = list(pool.map(lambda pair: symbolic_equal(*pair), [("(1, 2)", "(1,2)"), ("3", "x = 3"),
                                                                      ("[1, 3)", "(1, 3]"), (r"\frac{1}{2}", "0.5")]))
     assert results == [True, True, False, True]
+
+
+def grade_and_name_the_worker(prediction, gold):
+    return symbolic_equal(prediction, gold), default_math_grader()._worker.pid
+
+
+def test_a_forked_process_gets_its_own_worker():
+    import multiprocessing
+
+    assert symbolic_equal("(1, 2)", "(1,2)") is True  # the parent's worker is up
+    parent_worker = default_math_grader()._worker.pid
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        results = pool.starmap(grade_and_name_the_worker, [("3", "x = 3"), ("[1, 3)", "(1, 3]")])
+    assert [equal for equal, _ in results] == [True, False]
+    assert parent_worker not in {worker for _, worker in results}  # the parent's pipes are not shared
+    assert symbolic_equal(r"\{3,2,1\}", r"\{1,2,3\}") is True and default_math_grader()._worker.pid == parent_worker
 
 
 def test_score_answers_grades_a_batch_like_score_answer():

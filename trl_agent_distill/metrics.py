@@ -215,6 +215,7 @@ class MathGrader:
         self.restarts = 0  # workers killed for passing the deadline or dying; for logs and tests
         self._lock = threading.Lock()
         self._worker: subprocess.Popen | None = None
+        self._worker_parent = os.getpid()
         self._buffer = b""
 
     def equal(self, prediction: Any, gold: Any) -> bool:
@@ -230,7 +231,7 @@ class MathGrader:
                 answered = self._grade([sources[position] for position in pending])
                 for position, result in zip(pending, answered):
                     results[position] = result
-                # A killed worker answered only a prefix: its last pair counts as unequal, the rest go to a new one.
+                # A killed worker answered a prefix: the pair it was stuck on counts as unequal, the rest go to a new one.
                 pending = pending[len(answered) + 1 :] if len(answered) < len(pending) else []
         return results
 
@@ -270,6 +271,9 @@ class MathGrader:
         return answered
 
     def _ensure_worker(self) -> subprocess.Popen:
+        if self._worker_parent != os.getpid():
+            # A forked copy of this process (a data-loader worker) must not talk over its parent's pipes.
+            self._worker, self._worker_parent = None, os.getpid()
         if self._worker is not None and self._worker.poll() is None:
             return self._worker
         self._stop()
