@@ -671,3 +671,14 @@ def test_bad_faiss_settings_say_what_to_change(tmp_path, tiny_encoder):
         RetrievalTool(corpus, dense_index="ivfpq")
     with pytest.raises(TypeError, match="dense_index must be"):
         RetrievalTool(corpus, **dense, dense_index=3)
+
+
+def test_unwritable_location_builds_a_dense_index_in_memory(tmp_path, tiny_encoder, caplog):
+    corpus = copy_corpus(tmp_path)
+    blocker = tmp_path / "not_a_directory"
+    blocker.write_text("a file where the index's parent directory should be")
+    with caplog.at_level("WARNING", logger=retrieval.__name__):
+        tool = RetrievalTool(corpus, retriever="dense", dense_model=str(tiny_encoder), index_dir=blocker / "index")
+    assert "embedding in memory, without resume" in caplog.text and "keeping it in memory" in caplog.text
+    record = fixture_records()[3]
+    assert tool.search(f"{record['title']}\n{record['text']}")[0].id == str(record["id"])

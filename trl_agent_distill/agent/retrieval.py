@@ -685,8 +685,14 @@ class _DenseIndex(_Index):
                                "embeddings": self._embedding_settings()})
             if read_fingerprint(directory, fingerprint_name=MANIFEST_NAME) != state:
                 shutil.rmtree(directory, ignore_errors=True)  # shards of another corpus or model
-                directory.mkdir(parents=True)
-                write_json(directory / MANIFEST_NAME, state)
+                try:
+                    directory.mkdir(parents=True)
+                    write_json(directory / MANIFEST_NAME, state)
+                except OSError as error:
+                    # As for the index itself: a read-only corpus location must not stop the agent.
+                    logger.warning("Cannot keep embedding shards in %s (%s): embedding in memory, without resume.",
+                                   directory, error)
+                    directory = None
         shards: list[np.ndarray] = []
         with tqdm(total=len(corpus), unit="doc", desc="Embedding the corpus", disable=None) as bar:
             for number, (titles, texts) in enumerate(corpus.title_text_batches(_EMBED_SHARD_SIZE)):
