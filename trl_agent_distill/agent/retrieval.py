@@ -53,8 +53,9 @@ PAPER_DENSE_MODEL = "intfloat/e5-base-v2"
 E5_PROMPTS = {"query": "query: ", "document": "passage: "}
 _E5_NAME = re.compile(r"(?:^|[/_-])(?:multilingual-)?e5-(?:small|base|large)", re.IGNORECASE)
 FAISS_INDEX_KINDS = ("flat", "ivfpq")
-# Bump when the on-disk layout changes, so indexes written by older code are rebuilt rather than misread.
-INDEX_FORMAT_VERSION = 2
+# Bump when the on-disk layout changes, so indexes written by older code are rebuilt rather than misread (the FAISS
+# index needed no bump: its settings carry a "faiss" entry that no older manifest has).
+INDEX_FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 _FAISS_NAME = "index.faiss"
 # Documents tokenized per step while indexing with BM25: bounds memory spikes without slowing small corpora.
