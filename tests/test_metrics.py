@@ -1,17 +1,22 @@
-"""Answer checks: SQuAD normalisation, numbers, sympy equality, and robustness to hostile predictions."""
+"""Answer checks: SQuAD normalisation, numbers, math-verify equality in a worker, and robustness to hostile predictions."""
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from trl_agent_distill.metrics import (
+    MathGrader,
     answers_match,
+    default_math_grader,
     exact_match,
     extract_boxed,
+    math_source,
     normalize_answer,
     numbers_equal,
     parse_number,
     score_answer,
+    score_answers,
     symbolic_equal,
     token_f1,
 )
@@ -113,7 +118,8 @@ def test_symbolic_equal(prediction, gold, expected):
     "hostile",
     ["().__class__.__bases__", "(1).real", "x.a", "E.n(9^7)", "lambda: 1", "exec('1')", "[x for x in (1,)]",
      "9^9^9^9", "9**(9**9)", "(2^1000)^1000", "x^1001", "2^exp(9^999)", "exp(exp(exp(exp(exp(x)))))",
-     "sqrt(9^999*9^999*9^999+7)", "1" * 10_000],
+     "sqrt(9^999*9^999*9^999+7)", "1" * 10_000, "9^{9^{9^{9}}}", "10^{10^{10}}", "(" * 500 + "2" + ")" * 500,
+     r"\frac{" * 200 + "1" + "}{2}" * 200, "x" * 1_000_000, "1+" * 500_000 + "1"],
 )
 def test_hostile_predictions_are_refused_quickly(hostile):
     started = time.perf_counter()
@@ -144,7 +150,8 @@ def test_answers_match(prediction, gold, kwargs, expected):
 @pytest.mark.parametrize(
     "prediction, gold, expected",
     [
-        ("31920.0", "31,920", {"exact_match": 0.0, "f1": 0.0, "numeric": 1.0, "symbolic": 0.0, "correct": 1.0}),
+        # math-verify reads "31,920" as the number, which the old sympy grammar refused.
+        ("31920.0", "31,920", {"exact_match": 0.0, "f1": 0.0, "numeric": 1.0, "symbolic": 1.0, "correct": 1.0}),
         ("The Eiffel Tower", "eiffel tower", {"exact_match": 1.0, "f1": 1.0, "numeric": 0.0, "symbolic": 0.0,
                                               "correct": 1.0}),
         (r"\boxed{2\sqrt{2}}", r"\sqrt{8}", {"exact_match": 0.0, "f1": 0.0, "numeric": 0.0, "symbolic": 1.0,
@@ -157,3 +164,94 @@ def test_answers_match(prediction, gold, kwargs, expected):
 def test_score_answer_reports_every_score(prediction, gold, expected):
     scores = score_answer(prediction, gold)
     assert scores == pytest.approx(expected) and scores["correct"] == float(answers_match(prediction, gold))
+
+
+# The hand-written LaTeX comparison misjudged these common MATH answers (issue 17); math-verify gets them right.
+@pytest.mark.parametrize(
+    "prediction, gold, expected",
+    [
+        ("(1, 2)", "(1,2)", True),
+        (r"(3,\frac{\pi}{2})", r"\left( 3, \frac{\pi}{2} \right)", True),
+        ("5", r"5\text{ cm}", True),
+        ("3", "x = 3", True),
+        (r"\{3,2,1\}", r"\{1,2,3\}", True),
+        ("(1, 3]", "[1, 3)", False),
+        (r"\boxed{(1, 3]}", "[1, 3)", False),
+        (r"the answer is $\boxed{\left( 3, \frac{\pi}{2} \right)}$.", r"(3,\frac{\pi}{2})", True),
+    ],
+)
+def test_math_answers_misjudged_by_the_old_comparison(prediction, gold, expected):
+    assert answers_match(prediction, gold) is expected
+    assert score_answer(prediction, gold)["correct"] == float(expected)
+
+
+# Passes every filter (short, shallow, small powers) yet sympy works on it for minutes.
+SLOW_PAIR = ("(x+y+z)^{60}", "(x+y+z+1)^{60}")
+
+
+def test_a_grading_past_its_deadline_kills_the_worker_and_counts_as_unequal():
+    with MathGrader(timeout=0.5) as grader:
+        assert grader.equal("1", "1") is True  # the worker is up
+        started = time.perf_counter()
+        assert grader.equal_batch([(r"\frac{1}{2}", "0.5"), SLOW_PAIR, ("(1, 2)", "(1,2)"), ("2", "3")]) == [
+            True, False, True, False]
+        assert grader.restarts == 1
+        # The deadline, then a fresh worker (sympy's import) for the rest of the batch.
+        assert time.perf_counter() - started < 15
+        assert grader.equal("x = 3", "3") is True
+
+
+def test_a_dead_worker_is_replaced(caplog):
+    with MathGrader() as grader:
+        assert grader.equal("(1, 2)", "(1,2)") is True
+        grader._worker.kill()  # as if a hostile expression had crashed it
+        grader._worker.wait()
+        assert grader.equal(r"\{3,2,1\}", r"\{1,2,3\}") is True
+
+
+def test_grading_works_from_threads():
+    # math-verify's own timeout uses signal.alarm, which raises outside the main thread.
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda pair: symbolic_equal(*pair), [("(1, 2)", "(1,2)"), ("3", "x = 3"),
+                                                                     ("[1, 3)", "(1, 3]"), (r"\frac{1}{2}", "0.5")]))
+    assert results == [True, True, False, True]
+
+
+def grade_and_name_the_worker(prediction, gold):
+    return symbolic_equal(prediction, gold), default_math_grader()._worker.pid
+
+
+def test_a_forked_process_gets_its_own_worker():
+    import multiprocessing
+
+    assert symbolic_equal("(1, 2)", "(1,2)") is True  # the parent's worker is up
+    parent_worker = default_math_grader()._worker.pid
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        results = pool.starmap(grade_and_name_the_worker, [("3", "x = 3"), ("[1, 3)", "(1, 3]")])
+    assert [equal for equal, _ in results] == [True, False]
+    assert parent_worker not in {worker for _, worker in results}  # the parent's pipes are not shared
+    assert symbolic_equal(r"\{3,2,1\}", r"\{1,2,3\}") is True and default_math_grader()._worker.pid == parent_worker
+
+
+def test_score_answers_grades_a_batch_like_score_answer():
+    predictions = ["(1, 2)", "Eiffel Tower", "31920.0", r"\boxed{[1, 3)}", None, "12"]
+    golds = ["(1,2)", "the eiffel tower", "31,920", "(1, 3]", "7", "13"]
+    assert score_answers(predictions, golds) == [score_answer(p, g) for p, g in zip(predictions, golds)]
+    assert [scores["correct"] for scores in score_answers(predictions, golds)] == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="2 predictions for 1 gold"):
+        score_answers(["1", "2"], ["1"])
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [(r"so \boxed{\frac{1}{2}}.", r"$\frac{1}{2}$"), ("sqrt(8)", r"$\sqrt{8}$"), ("sin(x)**2", r"$\sin(x)^2$"),
+     (r"5\text{ cm}", r"$5\text{ cm}$"), ("2xy", "$2xy$"), (r"\$5", "$5$"), ("Eiffel Tower", None),
+     ("lambda: 1", None), ("(" * 30 + "1" + ")" * 30, None), ("1" * 801, None), ("", None), (None, None)],
+)
+def test_math_source_refuses_prose_and_oversized_answers(value, expected):
+    assert math_source(value) == expected
+
+
+def test_math_grader_rejects_a_bad_timeout():
+    with pytest.raises(ValueError, match="timeout must be a positive number"):
+        MathGrader(timeout=0)

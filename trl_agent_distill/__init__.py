@@ -38,19 +38,25 @@ _EXPORTS = {
     "GenerateConfig": "generation",
     "InitStudentConfig": "student_init",
     "Span": "segmentation",
+    "TASK_SETS": "task_sets",
     "SpanLossOutput": "losses",
     "TrajectoryFormatError": "segmentation",
     "answers_match": "metrics",
     "cache_teacher": "training",
+    "cot_match_rate": "episode_metrics",
     "end_of_turn_tokens": "chat_template",
     "evaluate": "evaluation",
     "from_smolagents_log": "data",
     "generate_trajectories": "generation",
     "init_student": "student_init",
+    "load_environment": "envs.base",
+    "load_task_set": "task_sets",
     "prepare_trajectory_dataset": "data",
+    "reasoning_lengths": "episode_metrics",
     "resolve_model": "model_refs",
     "run_demo": "demo",
     "score_answer": "metrics",
+    "score_answers": "metrics",
     "segment_messages": "segmentation",
     "segment_text": "segmentation",
     "span_divergence_loss": "losses",
@@ -78,14 +84,17 @@ if TYPE_CHECKING:  # the names for type checkers and IDEs; `__all__` lists them 
     from .config import AgentDistillConfig  # noqa: F401
     from .data import DATASET_FORMATS, from_smolagents_log, prepare_trajectory_dataset  # noqa: F401
     from .demo import DemoConfig, run_demo  # noqa: F401
+    from .envs.base import load_environment  # noqa: F401
+    from .episode_metrics import cot_match_rate, reasoning_lengths  # noqa: F401
     from .evaluation import EvalConfig, evaluate  # noqa: F401
     from .generation import GenerateConfig, generate_trajectories  # noqa: F401
     from .losses import SpanLossOutput, span_divergence_loss  # noqa: F401
-    from .metrics import answers_match, score_answer  # noqa: F401
+    from .metrics import answers_match, score_answer, score_answers  # noqa: F401
     from .model_refs import resolve_model  # noqa: F401
     from .rollout import AgentRollouts  # noqa: F401
     from .segmentation import Span, TrajectoryFormatError, segment_messages, segment_text  # noqa: F401
     from .student_init import InitStudentConfig, init_student  # noqa: F401
+    from .task_sets import TASK_SETS, load_task_set  # noqa: F401
     from .tasks import AgentTaskConfig  # noqa: F401
     from .trainer import AgentDistillTrainer  # noqa: F401
     from .training import AgentDistillScriptArguments, cache_teacher, train  # noqa: F401

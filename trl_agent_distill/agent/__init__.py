@@ -15,17 +15,19 @@ from .backends import (
     TransformersBackend,
 )
 from .loop import Agent, CodeActAgent, EnvironmentAgent, Episode, ReActAgent, SelfConsistency, Task
-from .retrieval import Document, RetrievalTool
+from .retrieval import PAPER_DENSE_MODEL, Document, FaissIndexConfig, RetrievalTool
 from .sandbox import DEFAULT_ALLOWED_IMPORTS, Observation, PythonExecutor, PythonSandbox, SandboxError
 
 __all__ = [
     "DEFAULT_ALLOWED_IMPORTS",
+    "PAPER_DENSE_MODEL",
     "Agent",
     "BackendError",
     "CodeActAgent",
     "Completion",
     "Document",
     "EnvironmentAgent",
+    "FaissIndexConfig",
     "Episode",
     "GenerationBackend",
     "GenerationRequest",

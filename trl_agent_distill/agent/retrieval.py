@@ -1,25 +1,29 @@
 """Local document retrieval, exposed to agents as the `web_search(query)` tool.
 
 The Agent Distillation teacher (Kang et al., arXiv 2505.17612) answers factual questions with a `web_search` tool
-that returns the top-3 Wikipedia documents. Generating trajectories, training and evaluating students must run
-offline and give the same observations every time, so this module serves that tool from a local corpus (a JSONL file
-or a `datasets.Dataset` of `id` / `title` / `text`) with BM25 (`bm25s`) or, optionally, a dense sentence-transformers
-retriever. An index is built once, saved atomically beside the corpus together with a fingerprint of the corpus and
-the settings, and reused by later runs as long as both match.
+that returns the top-3 Wikipedia passages, ranked by `intfloat/e5-base-v2` embeddings. Generating trajectories,
+training and evaluating students must run offline and give the same observations every time, so this module serves
+that tool from a local corpus (a JSONL file or a `datasets.Dataset` of `id` / `title` / `text`) with BM25 (`bm25s`,
+the CPU default) or the paper's dense retriever: sentence-transformers embeddings in a FAISS index (exact inner
+product, or IVF-PQ so that the 21M passages of wiki-18 fit in a workstation's memory). An index is built once, saved
+atomically beside the corpus together with a fingerprint of the corpus and the settings, and reused by later runs as
+long as both match; a dense build writes its embeddings in shards, so a killed build resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import abc
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
 import logging
 import os
 import re
+import shutil
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +31,14 @@ from typing import TYPE_CHECKING, Any
 import bm25s
 import numpy as np
 
-from ..storage import as_stored, publish_folder, read_fingerprint, remove_stale_work_dirs
+from ..storage import (
+    as_stored,
+    model_files_identity,
+    publish_folder,
+    read_fingerprint,
+    remove_stale_work_dirs,
+    write_json,
+)
 
 if TYPE_CHECKING:
     import datasets
@@ -37,12 +48,20 @@ logger = logging.getLogger(__name__)
 RETRIEVERS = ("bm25", "dense")
 CORPUS_FIELDS = ("id", "title", "text")
 DENSE_INSTALL_HINT = 'pip install "trl-agent-distill[dense]"'
-# Bump when the on-disk layout changes, so indexes written by older code are rebuilt rather than misread.
+# The paper's retriever and the prefixes its model family was trained with (without them E5 retrieves worse).
+PAPER_DENSE_MODEL = "intfloat/e5-base-v2"
+E5_PROMPTS = {"query": "query: ", "document": "passage: "}
+_E5_NAME = re.compile(r"(?:^|[/_-])(?:multilingual-)?e5-(?:small|base|large)", re.IGNORECASE)
+FAISS_INDEX_KINDS = ("flat", "ivfpq")
+# Bump when the on-disk layout changes, so indexes written by older code are rebuilt rather than misread (the FAISS
+# index needed no bump: its settings carry a "faiss" entry that no older manifest has).
 INDEX_FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-_EMBEDDINGS_NAME = "embeddings.npy"
-# Documents tokenized / embedded per step while indexing: bounds memory spikes without slowing small corpora.
+_FAISS_NAME = "index.faiss"
+# Documents tokenized per step while indexing with BM25: bounds memory spikes without slowing small corpora.
 _INDEX_BATCH_SIZE = 4096
+# Documents per embedding shard: what a killed dense build loses at most (a few seconds of GPU time).
+_EMBED_SHARD_SIZE = 16384
 
 
 @dataclass(frozen=True)
@@ -55,22 +74,94 @@ class Document:
     score: float
 
 
+@dataclass(frozen=True)
+class FaissIndexConfig:
+    """How a dense retriever searches its embeddings (FAISS, inner product of unit vectors = cosine similarity).
+
+    - `kind="flat"` (default): exact search; 4 bytes per dimension per passage in memory (e5-base: 3 KB, so 64 GB for
+      the 21M passages of wiki-18: fine for a Wikipedia subset, too much for the whole).
+    - `kind="ivfpq"`: the vectors are split into `nlist` cells (k-means) and stored as product-quantisation codes of
+      `m` sub-vectors of `nbits` bits each: `m * nbits / 8` bytes per passage (64 B with m=64, nbits=8: 1.3 GB for
+      21M passages, ~2% of flat) plus 8 B of id; a query visits the `nprobe` nearest cells. Approximate: recall
+      against flat search grows with `nprobe`. The quantisers are trained on `train_size` passages sampled uniformly
+      with `seed` (default `min(num passages, 64 * nlist)`: ~1M vectors, ~3 GB, for nlist=16384, the size that
+      suits 21M passages; use about 4 * sqrt(num passages) cells). `m` must divide the embedding dimension (768 for
+      e5-base).
+
+    `nprobe` only changes searching, so changing it reuses the saved index; the other fields rebuild it.
+    """
+
+    kind: str = "flat"
+    nlist: int = 16384
+    m: int = 64
+    nbits: int = 8
+    nprobe: int = 64
+    train_size: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAISS_INDEX_KINDS:
+            raise ValueError(f"FaissIndexConfig.kind must be one of {FAISS_INDEX_KINDS}, got {self.kind!r}.")
+        for name in ("nlist", "m", "nbits", "nprobe", "train_size", "seed"):
+            value = getattr(self, name)
+            if value is None and name == "train_size":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
+                wanted = "a non-negative int" if name == "seed" else "a positive int"
+                raise ValueError(f"FaissIndexConfig.{name} must be {wanted}, got {value!r}.")
+        if self.nbits > 16:
+            raise ValueError(f"FaissIndexConfig.nbits must be at most 16 (codes of 2^nbits centroids), got {self.nbits}.")
+
+    @classmethod
+    def from_value(cls, value: str | Mapping[str, Any] | FaissIndexConfig) -> FaissIndexConfig:
+        """A config from itself, a kind name ("flat", "ivfpq") or a mapping of its fields (as in a YAML recipe)."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            return cls(kind=value)
+        if isinstance(value, Mapping):
+            known = [field.name for field in dataclasses.fields(cls)]
+            unknown = sorted(set(value) - set(known))
+            if unknown:
+                raise ValueError(f"dense_index has unknown fields {unknown}; known fields: {known}.")
+            return cls(**value)
+        raise TypeError(
+            f"dense_index must be 'flat', 'ivfpq', a mapping of FaissIndexConfig fields or a FaissIndexConfig, "
+            f"got {type(value).__name__}."
+        )
+
+    def build_settings(self, num_documents: int) -> dict[str, Any]:
+        """What the saved index depends on (nprobe aside), with the training sample size resolved."""
+        if self.kind == "flat":
+            return {"kind": "flat"}
+        return {"kind": "ivfpq", "nlist": self.nlist, "m": self.m, "nbits": self.nbits,
+                "train_size": self.resolved_train_size(num_documents), "seed": self.seed}
+
+    def resolved_train_size(self, num_documents: int) -> int:
+        return min(num_documents, self.train_size if self.train_size is not None else 64 * self.nlist)
+
+
 class RetrievalTool:
     """Top-k retrieval over a local corpus with the call shape of the paper's `web_search` tool.
 
     `corpus` is a JSONL file (one `{"id", "title", "text"}` object per line), a directory written by
     `Dataset.save_to_disk`, or an in-memory `datasets.Dataset` with those columns. `retriever="bm25"` indexes
     title and text with `bm25s`; `retriever="dense"` embeds them with the sentence-transformers model `dense_model`
-    (name or local path) and ranks by cosine similarity.
+    (name or local path; the paper's is `PAPER_DENSE_MODEL`, intfloat/e5-base-v2) and ranks them by cosine
+    similarity in a FAISS index (`dense_index`: a `FaissIndexConfig`, "flat" or "ivfpq", or a mapping of its fields).
 
     The index is saved in `index_dir`, by default beside a corpus that lives on disk (`<corpus>.bm25s/`, or
-    `<corpus>.dense-<model>/`); an in-memory Dataset keeps its index in memory unless `index_dir` is given.
+    `<corpus>.dense-<model>/`); an in-memory Dataset keeps its index in memory unless `index_dir` is given. A dense
+    build shows a progress bar and writes the embeddings in shards to `<index_dir>.embeddings/`: a killed build run
+    again with the same corpus and model embeds only the shards still missing; the shards are deleted once the index
+    is saved.
 
     Extra knobs beyond the tool interface:
     - `stemming`: `None` stems English words with PyStemmer when it is installed, `True` requires it, `False` never
       stems. What was used is part of the index settings, so an index is only reused with the same choice.
-    - `dense_prompts`: prompts handed to the sentence-transformers model, e.g. `{"query": "query: ",
-      "document": "passage: "}` for the E5 models the paper used, which expect these prefixes.
+    - `dense_prompts`: prompts handed to the sentence-transformers model, prefixed to queries ("query") and to
+      documents ("document"). E5 models (the paper's) get `E5_PROMPTS` ("query: " / "passage: "), the prefixes
+      they were trained with, unless the model configures prompts of its own or `dense_prompts` is given.
     """
 
     name = "web_search"
@@ -87,6 +178,7 @@ class RetrievalTool:
         max_chars_per_document: int | None = 1000,
         stemming: bool | None = None,
         dense_prompts: dict[str, str] | None = None,
+        dense_index: str | Mapping[str, Any] | FaissIndexConfig = "flat",
     ):
         if not isinstance(name, str) or not name.isidentifier():
             raise ValueError(f"name must be a Python identifier (the agent calls it as a function), got {name!r}.")
@@ -94,8 +186,8 @@ class RetrievalTool:
             raise ValueError(f"retriever must be one of {RETRIEVERS}, got {retriever!r}.")
         if retriever == "dense" and not dense_model:
             raise ValueError('retriever="dense" needs dense_model: a sentence-transformers model name or local path.')
-        if retriever != "dense" and (dense_model is not None or dense_prompts is not None):
-            raise ValueError('dense_model and dense_prompts are only used with retriever="dense".')
+        if retriever != "dense" and (dense_model is not None or dense_prompts is not None or dense_index != "flat"):
+            raise ValueError('dense_model, dense_prompts and dense_index are only used with retriever="dense".')
         if retriever != "bm25" and stemming is not None:
             raise ValueError('stemming is only used with retriever="bm25".')
         if max_chars_per_document is not None and (
@@ -113,7 +205,7 @@ class RetrievalTool:
         if retriever == "bm25":
             self._index: _Index = _BM25Index(stemming)
         else:
-            self._index = _DenseIndex(dense_model, dense_prompts)
+            self._index = _DenseIndex(dense_model, dense_prompts, FaissIndexConfig.from_value(dense_index))
 
         if index_dir is not None:
             self.index_dir: Path | None = Path(index_dir)
@@ -126,6 +218,8 @@ class RetrievalTool:
                 "The dataset has no fingerprint, so its index cannot be matched to it later: kept in memory."
             )
             self.index_dir = None
+        if self.index_dir is not None:
+            self._index.resume_dir = self.index_dir.with_name(self.index_dir.name + ".embeddings")
         self.loaded_from_cache = self._load_or_build()
 
     # -- the tool as the agent sees it ------------------------------------------------------------------------
@@ -180,12 +274,9 @@ class RetrievalTool:
         # return its nearest neighbours of "", which reads to the agent as an answer.
         asked = [position for position, query in enumerate(queries) if query.strip()]
         results: list[list[Document]] = [[] for _ in queries]
-        scores = self._index.score([queries[position] for position in asked]) if asked else []
-        for position, query_scores in zip(asked, scores, strict=True):
-            if query_scores is None:
-                continue
-            best = _top_k(query_scores, k, positive_only=self._index.positive_only)
-            results[position] = [self._document(int(row), float(query_scores[row])) for row in best]
+        hits = self._index.search([queries[position] for position in asked], min(k, len(self._corpus))) if asked else []
+        for position, ranked in zip(asked, hits, strict=True):
+            results[position] = [self._document(row, score) for row, score in ranked]
         return results
 
     @property
@@ -234,7 +325,7 @@ class RetrievalTool:
                 "retriever": self.retriever,
                 "corpus": self._corpus.fingerprint,
                 "num_documents": len(self._corpus),
-                "settings": self._index.settings(),
+                "settings": self._index.settings(len(self._corpus)),
             }
         )
         directory = self.index_dir
@@ -264,6 +355,8 @@ class RetrievalTool:
             except OSError as error:
                 # A read-only corpus location must not stop the agent: the index still works from memory.
                 logger.warning("Could not save the index to %s (%s); keeping it in memory only.", directory, error)
+            else:
+                self._index.discard_resume_state()
         return False
 
 
@@ -429,10 +522,11 @@ class _DatasetCorpus(_Corpus):
 
 class _Index(abc.ABC):
     dir_suffix: str  # appended to the corpus path for the default index directory
-    positive_only: bool  # whether a zero score means "no match" (BM25) rather than "least similar" (dense)
+    # Where a resumable build keeps its partial work between runs (set by the tool; None: build in memory only).
+    resume_dir: Path | None = None
 
     @abc.abstractmethod
-    def settings(self) -> dict:
+    def settings(self, num_documents: int) -> dict:
         """Everything besides the corpus that changes the saved index; part of the manifest."""
 
     @abc.abstractmethod
@@ -448,8 +542,11 @@ class _Index(abc.ABC):
         """Read an index written by `save`; raise if it does not hold `num_documents` documents."""
 
     @abc.abstractmethod
-    def score(self, queries: list[str]) -> list[np.ndarray | None]:
-        """Per query, the score of every document in corpus order (None: nothing in the query can match)."""
+    def search(self, queries: list[str], k: int) -> list[list[tuple[int, float]]]:
+        """Per query, up to `k` (row, score) pairs, best first, ties in corpus order."""
+
+    def discard_resume_state(self) -> None:
+        """Delete what `build` kept in `resume_dir`, once the index it led to is saved."""
 
 
 def _index_text(title: str, text: str) -> str:
@@ -458,7 +555,6 @@ def _index_text(title: str, text: str) -> str:
 
 class _BM25Index(_Index):
     dir_suffix = ".bm25s"
-    positive_only = True
     # bm25s' default variant and parameters, written down so the manifest notices if they ever change.
     _BM25_PARAMS = {"method": "lucene", "k1": 1.5, "b": 0.75}
     _STOPWORDS = "en"
@@ -469,7 +565,7 @@ class _BM25Index(_Index):
         self._tokenize_lock = threading.Lock()
         self._model: bm25s.BM25 | None = None
 
-    def settings(self) -> dict:
+    def settings(self, num_documents: int) -> dict:
         return {
             "bm25s": bm25s.__version__,
             "bm25": self._BM25_PARAMS,
@@ -503,12 +599,17 @@ class _BM25Index(_Index):
             raise ValueError(f"index has {model.scores['num_docs']} documents, corpus has {num_documents}")
         self._model = model
 
-    def score(self, queries: list[str]) -> list[np.ndarray | None]:
-        scores: list[np.ndarray | None] = []
+    def search(self, queries: list[str], k: int) -> list[list[tuple[int, float]]]:
+        results = []
         for tokens in self._tokenize(queries, return_ids=False):
             token_ids = self._model.get_tokens_ids(tokens)
-            scores.append(self._model.get_scores_from_ids(token_ids) if token_ids else None)
-        return scores
+            if not token_ids:  # nothing in the query is in the vocabulary: no document matches
+                results.append([])
+                continue
+            scores = self._model.get_scores_from_ids(token_ids)
+            # A zero BM25 score means "shares no term", not "least similar": such documents are no results.
+            results.append([(row, float(scores[row])) for row in _top_k(scores, k, positive_only=True)])
+        return results
 
 
 def _english_stemmer(stemming: bool | None) -> tuple[Any, str | None]:
@@ -527,57 +628,144 @@ def _english_stemmer(stemming: bool | None) -> tuple[Any, str | None]:
 
 
 class _DenseIndex(_Index):
-    positive_only = False
     _ENCODE_BATCH_SIZE = 64
 
-    def __init__(self, model_name: str, prompts: dict[str, str] | None):
+    def __init__(self, model_name: str, prompts: dict[str, str] | None, index_config: FaissIndexConfig):
+        self._faiss = _faiss()
         self._model_name = model_name
         self._model = _load_sentence_transformer(model_name, prompts)
+        self._config = index_config
+        self._dimension = self._model.get_embedding_dimension()
+        if index_config.kind == "ivfpq" and self._dimension % index_config.m:
+            raise ValueError(
+                f"FaissIndexConfig.m={index_config.m} must divide the embedding dimension {self._dimension} of "
+                f"{model_name} (e.g. m={_largest_divisor(self._dimension, index_config.m)})."
+            )
         # A slug of the model name keeps caches of different models side by side instead of overwriting each other.
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", str(model_name)).strip("_")[-80:]
         self.dir_suffix = f".dense-{slug}"
-        self._embeddings: np.ndarray | None = None
+        self._index: Any = None
 
-    def settings(self) -> dict:
+    def _embedding_settings(self) -> dict:
+        """What the embeddings depend on (the shards' key); the index settings add the FAISS parameters."""
         local = Path(self._model_name)
         return {
             "model": str(local.resolve()) if local.is_dir() else self._model_name,
+            "model_files": model_files_identity(self._model_name),
             "document_prompt": self._model.prompts.get("document", ""),
             "max_seq_length": self._model.max_seq_length,
-            "dimension": self._model.get_embedding_dimension(),
+            "dimension": self._dimension,
             "normalized": True,
             "fields": "title + text",
         }
 
+    def settings(self, num_documents: int) -> dict:
+        return {**self._embedding_settings(), "faiss": self._config.build_settings(num_documents)}
+
     def build(self, corpus: _Corpus) -> None:
-        embeddings = np.empty((len(corpus), self._model.get_embedding_dimension()), dtype=np.float32)
-        start = 0
-        for titles, texts in corpus.title_text_batches(_INDEX_BATCH_SIZE):
-            batch = self._model.encode_document(
-                [_index_text(title, text) for title, text in zip(titles, texts, strict=True)],
-                batch_size=self._ENCODE_BATCH_SIZE,
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=False,
+        shards = self._embed(corpus)
+        faiss = self._faiss
+        if self._config.kind == "flat":
+            index = faiss.IndexFlatIP(self._dimension)
+        else:
+            index = self._trained_ivfpq(shards, len(corpus))
+        for shard in shards:
+            index.add(np.ascontiguousarray(shard))
+        self._index = index
+        self._set_search_parameters()
+
+    def _embed(self, corpus: _Corpus) -> list[np.ndarray]:
+        """The unit-norm embeddings of every document, in shards of `_EMBED_SHARD_SIZE` rows (memory-mapped files
+        under `resume_dir` when there is one, so that a killed build keeps the shards it finished)."""
+        from tqdm.auto import tqdm
+
+        directory = self.resume_dir
+        if directory is not None:
+            state = as_stored({"format_version": INDEX_FORMAT_VERSION, "corpus": corpus.fingerprint,
+                               "num_documents": len(corpus), "shard_size": _EMBED_SHARD_SIZE,
+                               "embeddings": self._embedding_settings()})
+            if read_fingerprint(directory, fingerprint_name=MANIFEST_NAME) != state:
+                shutil.rmtree(directory, ignore_errors=True)  # shards of another corpus or model
+                try:
+                    directory.mkdir(parents=True)
+                    write_json(directory / MANIFEST_NAME, state)
+                except OSError as error:
+                    # As for the index itself: a read-only corpus location must not stop the agent.
+                    logger.warning("Cannot keep embedding shards in %s (%s): embedding in memory, without resume.",
+                                   directory, error)
+                    directory = None
+        shards: list[np.ndarray] = []
+        with tqdm(total=len(corpus), unit="doc", desc="Embedding the corpus", disable=None) as bar:
+            for number, (titles, texts) in enumerate(corpus.title_text_batches(_EMBED_SHARD_SIZE)):
+                path = None if directory is None else directory / f"shard-{number:06d}.npy"
+                shard = _read_shard(path, len(texts), self._dimension) if path is not None else None
+                if shard is None:
+                    shard = self._model.encode_document(
+                        [_index_text(title, text) for title, text in zip(titles, texts, strict=True)],
+                        batch_size=self._ENCODE_BATCH_SIZE,
+                        normalize_embeddings=True,
+                        convert_to_numpy=True,
+                        show_progress_bar=False,
+                    ).astype(np.float32, copy=False)
+                    if path is not None:
+                        # Memory-mapped from the file once written: a corpus larger than memory can be embedded.
+                        shard = _write_shard(path, shard)
+                else:
+                    bar.set_postfix_str("resumed", refresh=False)
+                shards.append(shard)
+                bar.update(len(texts))
+        return shards
+
+    def _trained_ivfpq(self, shards: list[np.ndarray], num_documents: int) -> Any:
+        config, faiss = self._config, self._faiss
+        train_size = config.resolved_train_size(num_documents)
+        # k-means needs a point per cell, and PQ one per centroid of its 2^nbits codebook.
+        needed = max(config.nlist, 2**config.nbits)
+        if train_size < needed:
+            raise ValueError(
+                f"An IVF-PQ index with nlist={config.nlist} and nbits={config.nbits} needs at least {needed} "
+                f"training passages, but {train_size} are available ({num_documents} in the corpus): lower nlist / "
+                f"nbits (about 4 * sqrt(passages) cells), or use kind='flat', exact and small enough for this corpus."
             )
-            embeddings[start : start + len(batch)] = batch
-            start += len(batch)
-        self._embeddings = embeddings
+        rows = np.sort(np.random.default_rng(config.seed).choice(num_documents, size=train_size, replace=False))
+        sample = np.empty((train_size, self._dimension), dtype=np.float32)
+        offset = filled = 0
+        for shard in shards:  # gathered shard by shard: the whole corpus is never in memory at once
+            inside = rows[(rows >= offset) & (rows < offset + len(shard))] - offset
+            sample[filled : filled + len(inside)] = shard[inside]
+            filled += len(inside)
+            offset += len(shard)
+        quantizer = faiss.IndexFlatIP(self._dimension)
+        index = faiss.IndexIVFPQ(quantizer, self._dimension, config.nlist, config.m, config.nbits,
+                                 faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = config.seed
+        index.pq.cp.seed = config.seed
+        logger.info("Training IVF-PQ (nlist=%d, m=%d, nbits=%d) on %d sampled passages.", config.nlist, config.m,
+                    config.nbits, train_size)
+        index.train(sample)
+        return index
+
+    def _set_search_parameters(self) -> None:
+        if self._config.kind == "ivfpq":
+            self._index.nprobe = min(self._config.nprobe, self._config.nlist)
 
     def save(self, directory: Path) -> None:
-        np.save(directory / _EMBEDDINGS_NAME, self._embeddings, allow_pickle=False)
+        self._faiss.write_index(self._index, str(directory / _FAISS_NAME))
 
     def load(self, directory: Path, num_documents: int) -> None:
-        # Memory-mapped: a large cache is paged in by the matrix product instead of read whole at start-up.
-        embeddings = np.load(directory / _EMBEDDINGS_NAME, mmap_mode="r", allow_pickle=False)
-        expected = (num_documents, self._model.get_embedding_dimension())
-        if embeddings.shape != expected or embeddings.dtype != np.float32:
+        index = self._faiss.read_index(str(directory / _FAISS_NAME))
+        if index.ntotal != num_documents or index.d != self._dimension:
             raise ValueError(
-                f"embeddings have shape {embeddings.shape} {embeddings.dtype}, expected {expected} float32"
+                f"index holds {index.ntotal} vectors of dimension {index.d}, expected {num_documents} of {self._dimension}"
             )
-        self._embeddings = embeddings
+        self._index = index
+        self._set_search_parameters()
 
-    def score(self, queries: list[str]) -> list[np.ndarray | None]:
+    def discard_resume_state(self) -> None:
+        if self.resume_dir is not None:
+            shutil.rmtree(self.resume_dir, ignore_errors=True)
+
+    def search(self, queries: list[str], k: int) -> list[list[tuple[int, float]]]:
         encoded = self._model.encode_query(
             queries,
             batch_size=self._ENCODE_BATCH_SIZE,
@@ -585,8 +773,38 @@ class _DenseIndex(_Index):
             convert_to_numpy=True,
             show_progress_bar=False,
         ).astype(np.float32, copy=False)
-        # Both sides are unit vectors, so the dot product is the cosine similarity.
-        return list(encoded @ self._embeddings.T)
+        scores, rows = self._index.search(np.ascontiguousarray(encoded), k)
+        results = []
+        for query_scores, query_rows in zip(scores, rows, strict=True):
+            # -1 marks a slot IVF-PQ could not fill (too few passages in the probed cells).
+            hits = [(int(row), float(score)) for row, score in zip(query_rows, query_scores) if row >= 0]
+            results.append(sorted(hits, key=lambda hit: (-hit[1], hit[0])))
+        return results
+
+
+def _read_shard(path: Path, rows: int, dimension: int) -> np.ndarray | None:
+    """A shard finished by an earlier build, memory-mapped; None when it is missing or not what is expected."""
+    try:
+        shard = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    return shard if shard.shape == (rows, dimension) and shard.dtype == np.float32 else None
+
+
+def _write_shard(path: Path, shard: np.ndarray) -> np.ndarray:
+    """Write through a temporary name and a rename (a kill leaves the shard whole or absent, never half written);
+    the shard comes back memory-mapped from the file."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "wb") as handle:
+        np.save(handle, shard, allow_pickle=False)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def _largest_divisor(number: int, at_most: int) -> int:
+    return max(divisor for divisor in range(1, at_most + 1) if number % divisor == 0)
 
 
 def _load_sentence_transformer(model_name: str, prompts: dict[str, str] | None) -> Any:
@@ -596,7 +814,21 @@ def _load_sentence_transformer(model_name: str, prompts: dict[str, str] | None) 
         raise ImportError(
             f'retriever="dense" needs the optional sentence-transformers dependency: {DENSE_INSTALL_HINT}'
         ) from error
-    return SentenceTransformer(model_name, prompts=prompts)
+    model = SentenceTransformer(model_name, prompts=prompts)
+    # sentence-transformers saves empty "query" / "document" prompts by default: only non-empty ones are the model's own.
+    own_prompts = any(model.prompts.get(role) for role in ("query", "document"))
+    if prompts is None and not own_prompts and _E5_NAME.search(str(model_name)):
+        model.prompts.update(E5_PROMPTS)
+        logger.info("%s is an E5 model: queries and documents get its prefixes %s.", model_name, E5_PROMPTS)
+    return model
+
+
+def _faiss() -> Any:
+    try:
+        import faiss
+    except ImportError as error:
+        raise ImportError(f'retriever="dense" needs faiss (faiss-cpu or faiss-gpu): {DENSE_INSTALL_HINT}') from error
+    return faiss
 
 
 # ------------------------------------------------------------------------------------------------------------
