@@ -248,3 +248,17 @@ def test_eval_command_runs_a_recipe(tmp_path, tiny_model_dir, capsys):
     recipe.write_text(yaml.safe_dump({"models": [str(model_dir)], "self_consistensy": [0]}))
     with pytest.raises(ValueError, match="unknown key 'self_consistensy'. Did you mean 'self_consistency'"):
         cli_run(["eval", "--config", str(recipe)])
+
+
+def test_task_sets_are_scored_as_the_paper_scores_them():
+    from trl_agent_distill.agent import Task
+    from trl_agent_distill.evaluation import answer_scores
+
+    musique = EvalConfig(task_set="musique", models=["m"])
+    task = Task("1", "Where?", answer="Denver", aliases=("Mile High City",))
+    assert answer_scores("the Mile High City", task, musique)["correct"] == 1.0  # an alias, exactly
+    assert answer_scores("Denver Colorado USA", task, musique)["correct"] == 0.0  # F1 > 0 is not correct
+    math = EvalConfig(task_set="math500", models=["m"])
+    half = Task("2", "x?", answer="\\frac{1}{2}")
+    assert answer_scores("\\boxed{0.5}", half, math)["correct"] == 1.0
+    assert answer_scores("\\boxed{\\frac{1}{3}}", half, math)["correct"] == 0.0

@@ -29,6 +29,7 @@ from .jsonl import ResumableJsonl, check_same_settings, read_jsonl
 from .metrics import extract_boxed, score_answer
 from .model_refs import resolve_model
 from .storage import as_stored, lock_directory, model_files_identity, read_json, write_json
+from .task_sets import get_task_set
 from .tasks import AgentTaskConfig, build_agent, check_resumed_tasks, cot_messages, load_backend, load_tasks
 
 MODES = ("agent", "cot")
@@ -175,8 +176,22 @@ def _record(episode: Episode, config: EvalConfig) -> dict[str, Any]:
     if episode.success is not None or config.environment is not None:  # the environment's verdict
         scores = {"correct": float(bool(episode.success)), "reward": float(episode.reward or 0.0)}
     else:
-        scores = score_answer(prediction, episode.task.answer, rel_tol=config.numeric_tolerance)
+        scores = answer_scores(prediction, episode.task, config)
     return {**record, "prediction": prediction, "gold": gold, "scores": scores}
+
+
+def answer_scores(prediction: Any, task: Task, config: EvalConfig) -> dict[str, float]:
+    """Every score of a predicted answer, each the best over the gold answer and its aliases. A task set is scored
+    as the paper scores it: `correct` is exact match for factual sets, math-verify (or numeric) equality for math
+    ones; other tasks count any of the scores."""
+    per_gold = [score_answer(prediction, gold, rel_tol=config.numeric_tolerance) for gold in (task.answer, *task.aliases)]
+    scores = {name: max(scores[name] for scores in per_gold) for name in per_gold[0]}
+    scoring = get_task_set(config.task_set).scoring if config.task_set else None
+    if scoring == "factual":
+        scores["correct"] = scores["exact_match"]
+    elif scoring == "math":
+        scores["correct"] = max(scores["symbolic"], scores["numeric"])
+    return scores
 
 
 def _judge(judge: OpenAIBackend, records: list[dict[str, Any]]) -> None:

@@ -86,6 +86,12 @@ class AgentTaskConfig:
     )
     retriever: str = field(default="bm25", metadata={"help": "bm25 or dense.", "choices": ["bm25", "dense"]})
     dense_model: str | None = field(default=None, metadata={"help": "sentence-transformers model for dense."})
+    dense_index: dict | str | None = field(
+        default=None,
+        metadata={"help": "The dense retriever's FAISS index: flat (exact; the default), ivfpq (compressed, so 21M "
+                  "passages fit on a workstation) or a mapping of FaissIndexConfig fields (kind, nlist, m, nbits, "
+                  "nprobe, train_size)."},
+    )
     retrieval_top_k: int = field(default=3, metadata={"help": "Documents per search."})
     max_agent_steps: int | None = field(
         default=None,
@@ -283,6 +289,7 @@ def build_agent(config: AgentTaskConfig, self_consistency: SelfConsistency | Map
         tools[name] = RetrievalTool(
             config.retrieval_corpus, top_k=config.retrieval_top_k, retriever=config.retriever,
             dense_model=config.dense_model, name=name,
+            **({"dense_index": config.dense_index} if config.dense_index is not None else {}),
         )
     if config.agent == "codeact":
         return CodeActAgent(tools, max_steps=max_steps, sampling=config.sampling,
