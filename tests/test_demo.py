@@ -2,6 +2,7 @@
 the report holds every model and setting."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +81,29 @@ def test_bad_options_name_the_field():
 def test_a_stage_without_its_inputs_says_which_stage_to_run(tmp_path, tiny_demo_settings):
     with pytest.raises(FileNotFoundError, match="run the 'world' stage first"):
         run_demo(DemoConfig(output_dir=str(tmp_path), **{**tiny_demo_settings, "stages": ["teacher"]}))
+
+
+def test_the_alfworld_recipe_runs_the_pipeline_on_the_real_engine(tmp_path):
+    """recipes/alfworld_demo.yaml at a tiny size: scenes -> expert -> teacher -> its episodes -> students -> eval."""
+    import yaml
+
+    settings = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes" / "alfworld_demo.yaml").read_text())
+    settings.update(
+        output_dir=str(tmp_path / "demo"), show_progress=False, vocab_size=512,
+        environment_options={"num_train": 3, "num_test": 1, "seed": 0, "scenes_dir": str(tmp_path / "scenes")},
+        teacher_steps=100, student_steps=2, generate_tasks=3, max_agent_steps=20, max_new_tokens=48,
+        self_consistency=2, batch_size=3,
+    )
+    config = DemoConfig(**settings)
+    record = run_demo(config)
+    assert record["world"]["facts"] == {"expert_solved_train": "3/3", "expert_solved_test": "1/1"}
+    assert record["generate"]["facts"]["kept"] >= 1  # the teacher memorised some of its three kitchens
+    evaluation = json.loads((config.path("eval") / "evaluation.json").read_text())
+    assert {(run["model"], run["setting"]) for run in evaluation["runs"]} == {
+        (model, setting) for model in ("teacher", "sft", "token_kd", "sad") for setting in ("agent-greedy", "agent-sc2")
+    }
+    assert all("cot_match_rate" in run and "invalid_actions_per_episode" in run for run in evaluation["runs"])
+    report = (config.root / "report.md").read_text()
+    assert "alfworld's test split" in report and "CoT match" in report
+    with pytest.raises(ValueError, match="chain-of-thought answers"):
+        DemoConfig(**{**settings, "students": ["sft", "cot"]})

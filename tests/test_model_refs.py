@@ -276,3 +276,15 @@ def test_the_wheel_model_converts_once_reloads_and_a_pruned_student_distills_fro
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logged) == 1 and math.isfinite(logged[0]["loss"]) and logged[0]["loss"] > 0
     assert logged[0]["tokens_act"] > 0 and math.isfinite(logged[0]["loss_act"])  # the ACT spans were distilled
+
+    # ...and the converted model plays an ALFWorld episode on the real engine, for a few steps.
+    from trl_agent_distill.agent import EnvironmentAgent, SamplingParams, TransformersBackend
+    from trl_agent_distill.envs import load_environment
+
+    suite = load_environment("alfworld", {"num_train": 1, "num_test": 1, "scenes_dir": str(tmp_path / "scenes")})
+    agent = EnvironmentAgent(suite, max_steps=2, sampling=SamplingParams(max_new_tokens=24))
+    backend = TransformersBackend.from_pretrained(teacher, device="cpu")
+    (episode,) = agent.run(backend, suite.tasks("test"))
+    assert episode.steps == 2 and episode.stop_reason in ("max_steps", "done")
+    assert "Your task is to:" in episode.messages[1]["content"]
+    assert all(message["content"].strip() for message in episode.messages if message["role"] == "assistant")

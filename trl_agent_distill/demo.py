@@ -310,9 +310,9 @@ def _pretrained_models(config: DemoConfig) -> dict[str, Any]:
     shutil.copytree(source, config.path("teacher_init"))
     sizes = {"teacher_layers": AutoConfig.from_pretrained(source).num_hidden_layers}
     if config.student_keep_fraction is not None:
-        student = init_student(source, config.path("student_init"), fraction=config.student_keep_fraction)
-        sizes["student_layers"] = student.config.num_hidden_layers
-        sizes["student_parameters"] = student.num_parameters()
+        init_student(source, config.path("student_init"), fraction=config.student_keep_fraction)
+        student = json.loads((config.path("student_init") / "config.json").read_text())
+        sizes["student_layers"] = student["num_hidden_layers"]
         return sizes
     tokenizer = AutoTokenizer.from_pretrained(source)
     for seed in config.seeds:
