@@ -84,3 +84,36 @@ def test_quickstart_notebook_runs_the_demo_step_by_step(tmp_path, tiny_demo_sett
                for output in outputs)
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert {run["model"] for run in report["evaluation"]["runs"]} == {"teacher", "sft", "token_kd", "sad", "cot"}
+
+
+def test_alfworld_real_model_notebook_runs_with_a_tiny_gguf_teacher(tmp_path, monkeypatch):
+    from gguf_files import write_llama_gguf
+
+    from trl_agent_distill.agent import EnvironmentAgent, PolicyBackend
+    from trl_agent_distill.envs import load_environment
+    from trl_agent_distill.tiny import build_tiny_model, train_tokenizer
+
+    monkeypatch.setenv("TRL_AGENT_DISTILL_CACHE", str(tmp_path / "cache"))  # the kernel inherits it
+    scenes = {"num_train": 1, "num_test": 1, "seed": 0, "task_types": ["pick_and_place_simple"],
+              "scenes_dir": str(tmp_path / "scenes")}
+    # A tiny stand-in for SmolLM2, as a GGUF file, whose tokenizer knows ALFWorld's words (short sequences, so it
+    # learns its one kitchen in seconds).
+    suite = load_environment("alfworld", scenes)
+    (episode,) = EnvironmentAgent(suite, max_steps=20).run(PolicyBackend(suite.expert()), suite.tasks("train"))
+    tokenizer = train_tokenizer([message["content"] for message in episode.messages], vocab_size=700)
+    teacher = write_llama_gguf(build_tiny_model(tokenizer, hidden_size=64, num_layers=3, seed=0), tokenizer,
+                               tmp_path / "teacher.gguf")
+    notebook = execute("03_alfworld_real_model.ipynb", {
+        "INSTALL": False, "OUTPUT_DIR": str(tmp_path / "run"), "TEACHER_MODEL": str(teacher),
+        "SETTINGS": {"environment_options": scenes, "teacher_steps": 250, "learning_rate": 3e-3, "max_length": 2048,
+                     "generate_tasks": 1, "student_steps": 1, "student_seeds": [0, 1], "per_device_train_batch_size": 1,
+                     "max_agent_steps": 20, "max_new_tokens": 48, "self_consistency": 2, "batch_size": 2,
+                     "show_progress": False},
+    }, tmp_path)
+    outputs = [output for cell in notebook.cells for output in cell.get("outputs", [])]
+    assert not [output for output in outputs if output.output_type == "error"]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    # Two seeds per method: a mean and a 95% interval for each method and setting.
+    assert {(row["method"], row["seeds"]) for row in report["over_seeds"]} == {
+        (method, 2) for method in ("sft", "token_kd", "sad")}
+    assert all(row["interval"] is not None for row in report["over_seeds"])
