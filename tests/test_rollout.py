@@ -151,9 +151,9 @@ def test_a_world_brings_its_own_tasks_and_tools(tmp_path):
     ({"dataset_nam": "tasks.jsonl"}, "rollout: unknown task option 'dataset_nam'. Did you mean 'dataset_name'?"),
     ({"retrieval_top_k": 2}, "rollout needs `dataset_name`"),
     ({"dataset_name": "t.jsonl", "max_agent_steps": 0}, "rollout: max_agent_steps must be >= 1"),
-    ({"world": "alfworld"}, "unknown world 'alfworld'"),
+    ({"world": "webshop"}, "unknown world 'webshop'"),
     ("missing.yaml", "the task recipe missing.yaml does not exist"),
-    ("alfworld", "neither a world"),
+    ("minecraft", "neither a world"),
 ])
 def test_bad_rollout_settings_fail_when_the_config_is_built(tmp_path, rollout, message):
     with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):

@@ -214,7 +214,8 @@ class AgentDistillConfig(GKDConfig):
         if isinstance(self.rollout, str):
             if not self.rollout.endswith((".yaml", ".yml")):
                 raise ValueError(
-                    f"rollout: {self.rollout!r} is neither a world {list(WORLDS)} nor a .yaml task recipe."
+                    f"rollout: {self.rollout!r} is neither a world {list(WORLDS)}, an environment "
+                    f"{sorted(ENVIRONMENTS)} nor a .yaml task recipe."
                 )
             return read_task_recipe(self.rollout, source="rollout")
         return None if self.rollout is None else dict(self.rollout)
