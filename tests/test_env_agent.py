@@ -185,3 +185,17 @@ def test_eval_measures_sad_reasoning_length_and_cot_match_rate(line_environment,
     assert "CoT match" in (tmp_path / "eval" / "results.md").read_text()
     cached = json.loads((tmp_path / "eval" / "expert" / "cot_match.json").read_text())
     assert cached["result"]["cot_match_rate"] == 1.0
+
+
+def test_rollouts_play_alfworld_on_its_real_engine(tmp_path, tiny_tokenizer):
+    """The on-policy path over a real environment: generated scenes, the engine's answers, ALFWorld's segmentation."""
+    config = AgentTaskConfig(environment="alfworld", max_agent_steps=3,
+                             environment_options={"num_train": 1, "num_test": 1, "scenes_dir": str(tmp_path)})
+    rollouts = AgentRollouts(config, tokenizer=tiny_tokenizer, seed=0)
+    batch = rollouts.collect(None, 2, backend=PolicyBackend(scripted("think: where is it?\n", "look\n", "jump\n")))
+    assert batch.episodes == 2 and len(batch.rows) == 2 and not batch.errors
+    messages = batch.rows[0]["messages"]
+    assert "Your task is to:" in messages[1]["content"] and messages[3]["content"] == "OK."
+    assert messages[7]["content"] == "Nothing happens."  # the engine's answer to a command it cannot carry out
+    kinds = [[span.kind for span in spans] for spans in segment_messages(messages, style="alfworld")]
+    assert kinds[2] == ["reason"] and kinds[4] == ["act"]
