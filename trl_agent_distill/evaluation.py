@@ -242,17 +242,21 @@ def evaluate_run(backend: GenerationBackend, tasks: list[Task], setting: Setting
         summary = summarize_run(predictions.records, seconds=time.monotonic() - started, new=len(todo))
     if setting.mode == "agent":
         length = reasoning_lengths(predictions.records, getattr(backend, "tokenizer", None),
-                                   style=segmentation_style_of(build_agent(config).format))
+                                   style=segmentation_style_of(config))
         summary.update(reasoning_length=length.mean, reasoning_length_unit=length.unit)
     write_json(run_dir / SUMMARY_FILE, summary)
     return summary
 
 
-def segmentation_style_of(agent_format) -> str:
-    """The segmentation style that reads `agent_format`'s turns: its own, else `auto`."""
+def segmentation_style_of(config: AgentTaskConfig) -> str:
+    """The segmentation style that reads the agents' turns: the environment's format or the configured agent's
+    (without building the agent: its search tool would load the corpus again), `auto` for a format segmentation
+    does not name."""
     from .segmentation import STYLES
 
-    return agent_format.name if agent_format.name in STYLES else "auto"
+    suite = config.suite()
+    name = suite.format.name if suite is not None else config.agent
+    return name if name in STYLES else "auto"
 
 
 def measure_cot_match(backend: GenerationBackend, config: EvalConfig, model_dir: Path,
